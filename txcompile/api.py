@@ -1,0 +1,153 @@
+"""`optimize()`: capture, run the verified pass pipeline, lower to a backend; and the module it returns."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .backends import get_backend
+from .capture import capture, capture_info, eval_mode, normalize_inputs
+from .errors import InputError, VerificationError
+from .pipeline import Pass, PassContext, Pipeline, effective_contract, spec_of
+from .registry import resolve_passes
+from .report import Report
+from .verify import compare, first_divergence, run_program
+
+__all__ = ["optimize", "OptimizedModule"]
+
+
+class OptimizedModule(nn.Module):
+    """The result of `optimize()`: called like the original model.
+
+    Attributes:
+        graph_module: the rewritten ATen-level `torch.fx.GraphModule` (inspect it, test it, re-export it).
+        report: what each pass did, its time and its measured error (`print(opt.report)`).
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, program: Any, report: Report, backend: Any):
+        super().__init__()
+        self.graph_module = graph_module
+        self.report = report
+        self.backend = backend
+        # A backend that returns the graph module itself needs no separate attribute (and no double registration).
+        self._program = None if program is graph_module else program
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        program = self.graph_module if self._program is None else self._program
+        return program(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        passes = ", ".join(r.spec for r in self.report.records) or "no passes"
+        return f"OptimizedModule({self.report.model}, passes=[{passes}], backend={self.report.backend})"
+
+
+class _Verifier:
+    """Checks each pass against its contract, on the example inputs, as the pipeline runs."""
+
+    def __init__(self, reference: Any, inputs: Any, captured_output: Any):
+        self.reference = reference
+        self.inputs = inputs
+        self.previous = captured_output
+
+    def __call__(self, p: Pass, before: fx.GraphModule, after: fx.GraphModule) -> dict[str, Any]:
+        out = run_program(after, self.inputs)
+        step = compare(self.previous, out)
+        total = compare(self.reference, out)
+        contract = effective_contract(p)
+        result: dict[str, Any] = {"ok": step.ok, "max_abs": total.max_abs, "max_rel": total.max_rel}
+        result["step_max_abs"] = step.max_abs
+        if contract in ("exact", "reparameterize") and not step.ok:
+            where = first_divergence(before, after, self.inputs)
+            node = where[0] if where else None
+            hint = f"; first diverging node: {node} (max abs {where[1]:.3g})" if where else ""
+            raise VerificationError(
+                f"pass '{spec_of(p)}' is declared {contract} but changed the output on the example inputs: max abs "
+                f"error {step.max_abs:.3g} > tolerance (rtol={step.rtol:g}, atol={step.atol:g}, {step.dtype}) at "
+                f"output {step.worst_output}{hint}",
+                pass_name=p.name,
+                node=node,
+                max_abs=step.max_abs,
+            )
+        if contract == "approximate":
+            result["cosine"] = _cosine(self.reference, out)
+            check = getattr(p, "check_quality", None)
+            problem = check(result) if callable(check) else None
+            if problem:
+                raise VerificationError(f"pass '{spec_of(p)}' exceeded its budget: {problem}", pass_name=p.name)
+        self.previous = out
+        return result
+
+
+def _cosine(a: Any, b: Any) -> float:
+    la = [x.detach().double().flatten() for x in torch.utils._pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
+    lb = [x.detach().double().flatten() for x in torch.utils._pytree.tree_leaves(b) if isinstance(x, torch.Tensor)]
+    va, vb = torch.cat(la), torch.cat(lb)
+    return float(torch.nn.functional.cosine_similarity(va, vb, dim=0))
+
+
+def optimize(
+    model: nn.Module,
+    passes: Sequence[str | Pass] | str = (),
+    *,
+    example_inputs: Any,
+    calibration_data: Iterable[Any] | None = None,
+    backend: Any = "eager",
+    verify: bool = True,
+    strict: bool = False,
+    dynamic: bool = True,
+    max_iters: int = 1,
+) -> OptimizedModule:
+    """Capture `model`, rewrite it with `passes`, check every rewrite, and lower it to `backend`.
+
+    Args:
+        model: the trained `nn.Module`; never modified.
+        passes: pass specs ("cleanup", "fuse_qkv:gated_mlp=true") or pass objects, run in order.
+        example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors (HF style).
+        calibration_data: example inputs for passes that calibrate (quantization, early exit thresholds).
+        backend: "eager" (the reference) or another registered backend spec.
+        verify: compare the program with the original after every pass; exact passes must stay within the
+            per-dtype tolerance, else `VerificationError` names the pass and the first diverging node.
+        strict: make backend fallbacks to plain ATen an error.
+        dynamic: keep batch and sequence dims dynamic in the captured program.
+        max_iters: rounds of the pass list (a bounded fixpoint).
+
+    Returns:
+        An `OptimizedModule` with `.graph_module` and `.report`.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = normalize_inputs(example_inputs)
+    pass_list = resolve_passes(passes)  # bad specs fail here, before any work
+    be = get_backend(backend)
+    calib = list(calibration_data) if calibration_data is not None else None
+    if calib is not None:
+        calib = [normalize_inputs(c, what="calibration_data item") for c in calib]
+    start = time.perf_counter()
+    report = Report(model=type(model).__name__, backend=be.name)
+    reference = None
+    if verify:
+        with eval_mode(model):
+            reference = run_program(model, inputs)
+    gm = capture(model, inputs, dynamic=dynamic)
+    report.capture = capture_info(gm)
+    report.seconds["capture"] = time.perf_counter() - start
+    verifier = None
+    if verify:
+        captured_out = run_program(gm, inputs)
+        report.capture_error = compare(reference, captured_out).as_dict()
+        verifier = _Verifier(reference, inputs, captured_out)
+    ctx = PassContext(example_inputs=inputs, calibration_data=calib)
+    t = time.perf_counter()
+    gm, records = Pipeline(pass_list, max_iters=max_iters).run(gm, ctx, verify=verifier)
+    report.records = records
+    report.seconds["passes"] = time.perf_counter() - t
+    t = time.perf_counter()
+    lowered = be.lower(gm, inputs, strict=strict)
+    report.fallbacks = list(lowered.fallbacks)
+    report.seconds["lower"] = time.perf_counter() - t
+    report.seconds["total"] = time.perf_counter() - start
+    return OptimizedModule(gm, lowered.program, report, be)

@@ -1,0 +1,191 @@
+"""Small helpers over the one IR txcompile uses: an ATen-level `torch.fx.GraphModule` from torch.export.
+
+Invariants every pass keeps (checked by `Pipeline` after each pass):
+- nodes are ATen `OpOverload`s, `operator.getitem`, `txc` custom ops, or the export scaffolding (`_guards_fn`);
+- every tensor-valued node carries a FakeTensor in `node.meta["val"]` with symbolic batch/sequence sizes
+  (`refresh_metadata` restores it after a rewrite);
+- parameters and buffers are `get_attr` nodes; a pass never writes into an existing tensor, it registers a new one
+  (`add_tensor`), so a snapshot taken before a pass stays valid and the user's weights are never touched.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+aten = torch.ops.aten
+
+__all__ = [
+    "op_name",
+    "is_op",
+    "call_nodes",
+    "get_tensor",
+    "add_tensor",
+    "module_path",
+    "tensor_meta",
+    "refresh_metadata",
+    "copy_graph_module",
+    "unwrap",
+    "PASSTHROUGH_OPS",
+    "prune_tensors",
+]
+
+
+def op_name(node: fx.Node) -> str:
+    """A short, stable name for what a node does: "aten.linear", "txc.linear_int8", "getitem", "placeholder"."""
+    if node.op != "call_function":
+        return node.op if node.op != "call_module" else f"module:{node.target}"
+    target = node.target
+    packet = getattr(target, "overloadpacket", None)
+    if packet is not None:
+        return str(packet)  # "aten.linear"
+    if target is operator.getitem:
+        return "getitem"
+    return getattr(target, "__name__", str(target))
+
+
+def is_op(node: Any, *packets: Any) -> bool:
+    """True if `node` calls one of the given op overload packets (`aten.linear`) or overloads."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    target = node.target
+    return target in packets or getattr(target, "overloadpacket", None) in packets
+
+
+def call_nodes(gm: fx.GraphModule, *packets: Any) -> Iterator[fx.Node]:
+    """The call_function nodes of `gm` that call one of `packets`, in graph order."""
+    return (n for n in gm.graph.nodes if is_op(n, *packets))
+
+
+def get_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The parameter or buffer behind a `get_attr` node, else None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def add_tensor(gm: fx.GraphModule, hint: str, value: torch.Tensor, *, parameter: bool | None = None) -> str:
+    """Register `value` on `gm` under a fresh top-level name derived from `hint`; return the get_attr target.
+
+    New tensors live at the top level ("_txc_<hint>") so they never collide with the model's own module tree.
+    """
+    base = "_txc_" + "".join(c if c.isalnum() else "_" for c in hint).strip("_")
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    value = value.detach()
+    if parameter is None:
+        parameter = value.is_floating_point()
+    if parameter:
+        gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+    else:
+        gm.register_buffer(name, value)
+    return name
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module (dotted path in the original model) a node came from, "" if unknown."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    if str(path).startswith("_empty_nn_module_stack"):
+        return ""
+    # export records paths like "L['self'].encoder.layer[0]" in some versions; normalise to "encoder.layer.0".
+    path = str(path).replace("L['self'].", "").replace("L['self']", "")
+    return path.replace("[", ".").replace("]", "").replace("'", "")
+
+
+def tensor_meta(node: Any) -> torch.Tensor | None:
+    """The FakeTensor recorded for a node's value, if it is a single tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def unwrap(node: Any, skip: Iterable[Any]) -> Any:
+    """Follow single-input ops in `skip` (dropout, clone, contiguous, ...) back to the node that produced the value."""
+    skip = tuple(skip)
+    while isinstance(node, fx.Node) and is_op(node, *skip) and node.args:
+        node = node.args[0]
+    return node
+
+
+# Ops that move or relabel data without changing values: analyses look through them.
+PASSTHROUGH_OPS = (
+    aten.dropout,
+    aten.clone,
+    aten.contiguous,
+    aten.alias,
+    aten.detach,
+    aten.to,
+    aten._to_copy,
+    aten.type_as,
+    aten.lift_fresh_copy,
+)
+
+
+def refresh_metadata(gm: fx.GraphModule) -> None:
+    """Recompute `meta["val"]` (FakeTensors with the capture's symbolic sizes) for every node.
+
+    Placeholders keep the FakeTensors torch.export gave them, so sizes stay symbolic in batch and sequence length.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in placeholders]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is None or any(v is None for v in vals):
+        return  # not an exported graph (e.g. a test-built fx graph): nothing symbolic to keep
+    FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*vals)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with a deep copy of `gm`'s graph that shares its (never mutated) tensors.
+
+    Cheap enough to snapshot before every pass: weights are shared, only nodes are copied.
+    """
+    import copy
+
+    graph = copy.deepcopy(gm.graph)
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    for attr in ("_in_spec", "_out_spec", "meta"):
+        if hasattr(gm, attr):
+            setattr(new, attr, copy.copy(getattr(gm, attr)))
+    return new
+
+
+def prune_tensors(gm: fx.GraphModule) -> int:
+    """Drop `get_attr` nodes nobody reads and every parameter/buffer no node refers to; return how many tensors.
+
+    Rewrites that replace weights (fusing, folding) leave the old ones behind; this keeps memory and artifacts lean.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    referenced = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    dropped = 0
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name in referenced:
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if attr in owner._parameters:
+            del owner._parameters[attr]
+        elif attr in owner._buffers:
+            del owner._buffers[attr]
+        else:
+            continue
+        dropped += 1
+    return dropped

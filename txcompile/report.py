@@ -1,0 +1,100 @@
+"""What an optimize() run did: per pass what changed, how long it took, and the error measured against the original."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .backends.base import Fallback
+from .capture import CaptureInfo
+from .pipeline import PassRecord
+
+__all__ = ["Report", "render_table"]
+
+
+@dataclass
+class Report:
+    """Per-pass records of one optimize() run. `str(report)` is a readable table; `to_dict()` is JSON-ready."""
+
+    model: str
+    backend: str
+    capture: CaptureInfo | None = None
+    capture_error: dict[str, Any] | None = None  # the captured graph vs the model, before any pass
+    records: list[PassRecord] = field(default_factory=list)
+    fallbacks: list[Fallback] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # capture / passes / lower / total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "backend": self.backend,
+            "capture": asdict(self.capture) if self.capture else None,
+            "capture_error": self.capture_error,
+            "passes": [asdict(r) for r in self.records],
+            "fallbacks": [asdict(f) for f in self.fallbacks],
+            "seconds": self.seconds,
+        }
+
+    def __str__(self) -> str:
+        rows = []
+        if self.capture is not None:
+            err = _fmt_error(self.capture_error)
+            rows.append(["capture", "exact", "yes", _fmt_s(self.capture.seconds), err, _capture_note(self.capture)])
+        for r in self.records:
+            changes = _fmt_changes(r.ops_added, r.ops_removed)
+            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if v)
+            detail = "; ".join(x for x in (stats, changes) if x) or "-"
+            rows.append([r.spec, r.contract, "yes" if r.modified else "no", _fmt_s(r.seconds), _fmt_error(r.error), detail])
+            rows.extend(["", "", "", "", "", f"note: {n}"] for n in r.notes)
+        title = f"txcompile: {self.model} -> backend {self.backend}"
+        if "total" in self.seconds:
+            title += f" ({self.seconds['total']:.2f} s)"
+        text = render_table(title, ["pass", "contract", "changed", "time", "error vs original", "what changed"], rows)
+        if self.fallbacks:
+            text += f"\n{len(self.fallbacks)} node(s) run as plain ATen: " + ", ".join(
+                f"{f.node} ({f.op}: {f.reason})" for f in self.fallbacks[:10]
+            )
+        return text
+
+    def __repr__(self) -> str:
+        return f"Report(model={self.model!r}, backend={self.backend!r}, passes={[r.spec for r in self.records]})"
+
+
+def render_table(title: str, header: list[str], rows: list[list[str]], width: int = 140) -> str:
+    """A plain-text table rendered by rich (no colour codes), for reports, the CLI and test failures."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for h in header:
+        table.add_column(h, overflow="fold")
+    for row in rows:
+        table.add_row(*[str(c) for c in row])
+    out = io.StringIO()
+    Console(file=out, width=width, no_color=True, color_system=None, force_terminal=False).print(table)
+    return out.getvalue().rstrip()
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _fmt_error(error: dict[str, Any] | Any) -> str:
+    if not error:
+        return "-"
+    if "cosine" in error:
+        return f"cos {error['cosine']:.5f}, max abs {error['max_abs']:.2e}"
+    return f"max abs {error['max_abs']:.2e}" + ("" if error.get("ok", True) else " (over tolerance)")
+
+
+def _fmt_changes(added: dict[str, int], removed: dict[str, int]) -> str:
+    parts = [f"+{n} {op}" for op, n in sorted(added.items())] + [f"-{n} {op}" for op, n in sorted(removed.items())]
+    return " ".join(parts[:8]) + (" ..." if len(parts) > 8 else "")
+
+
+def _capture_note(info: CaptureInfo) -> str:
+    dyn = [f"{s.name}[{','.join(map(str, s.dynamic))}]" for s in info.inputs if s.dynamic]
+    note = f"{info.model}; dynamic dims: {', '.join(dyn) if dyn else 'none'}"
+    return note + "".join(f"; {w}" for w in info.warnings)

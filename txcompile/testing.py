@@ -1,0 +1,100 @@
+"""Checks for your own pytest suite: what did a pipeline do to my model, and is it still the same function?
+
+    from txcompile.testing import assert_ops, assert_equivalent
+
+    def test_qkv_is_fused():
+        opt = txc.optimize(model, ["cleanup", "fuse_qkv"], example_inputs=inputs)
+        assert_ops(opt.graph_module, expect={"aten.split_with_sizes": 6}, forbid=["aten.dropout"])
+        assert_equivalent(model, opt, other_inputs)
+
+Op keys are the short names `count_ops` prints ("aten.linear"), or the ops themselves (`torch.ops.aten.linear`).
+Failures print a table of the graph (op, module path, shape, dtype) so the pytest report shows what is there.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .capture import eval_mode, normalize_inputs
+from .ir import module_path, op_name
+from .pipeline import count_ops
+from .report import render_table
+from .verify import compare, run_program
+
+__all__ = ["count_ops", "assert_ops", "assert_equivalent", "graph_table"]
+
+
+def _key(op: Any) -> str:
+    if isinstance(op, str):
+        return op
+    packet = getattr(op, "overloadpacket", op)
+    return str(packet)
+
+
+def _graph_of(obj: Any) -> fx.GraphModule:
+    gm = getattr(obj, "graph_module", obj)
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"expected a GraphModule or an OptimizedModule, got {type(obj).__name__}")
+    return gm
+
+
+def graph_table(gm: Any, *, ops_only: bool = True, limit: int | None = None) -> str:
+    """The graph as a table: node, op, module path, shape, dtype. Prints readably in a pytest failure."""
+    gm = _graph_of(gm)
+    rows = []
+    for node in gm.graph.nodes:
+        if ops_only and node.op not in ("call_function", "call_method", "placeholder", "output"):
+            continue
+        val = node.meta.get("val")
+        shape = "x".join(str(s) for s in val.shape) if isinstance(val, torch.Tensor) else ""
+        dtype = str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else ""
+        rows.append([node.name, op_name(node), module_path(node), shape, dtype])
+    more = ""
+    if limit is not None and len(rows) > limit:
+        more = f"\n... {len(rows) - limit} more nodes"
+        rows = rows[:limit]
+    return render_table(f"{len(gm.graph.nodes)} nodes", ["node", "op", "module", "shape", "dtype"], rows) + more
+
+
+def assert_ops(
+    gm: Any,
+    expect: Mapping[Any, int] | None = None,
+    forbid: Iterable[Any] = (),
+) -> Counter[str]:
+    """Assert exact counts for the ops in `expect` and the absence of the ops in `forbid`; return all counts."""
+    counts = count_ops(_graph_of(gm))
+    problems = []
+    for op, n in (expect or {}).items():
+        got = counts.get(_key(op), 0)
+        if got != n:
+            problems.append(f"expected {n} x {_key(op)}, found {got}")
+    for op in forbid:
+        got = counts.get(_key(op), 0)
+        if got:
+            problems.append(f"expected no {_key(op)}, found {got}")
+    if problems:
+        table = render_table("op counts", ["op", "count"], [[k, str(v)] for k, v in sorted(counts.items())])
+        raise AssertionError("; ".join(problems) + "\n" + table)
+    return counts
+
+
+def assert_equivalent(original: nn.Module, optimized: Any, inputs: Any, *, scale: float = 1.0) -> None:
+    """Assert `optimized` computes what `original` computes on `inputs`, at the per-dtype tolerance x `scale`.
+
+    `inputs` takes the same forms as `example_inputs`: a tensor, a tuple of tensors, or a dict of keyword tensors.
+    """
+    args = normalize_inputs(inputs, what="inputs")
+    with eval_mode(original):
+        expected = run_program(original, args)
+    actual = run_program(optimized, args)
+    cmp = compare(expected, actual, scale=scale)
+    if not cmp.ok:
+        raise AssertionError(
+            f"outputs differ: max abs {cmp.max_abs:.3g}, max rel {cmp.max_rel:.3g} at output {cmp.worst_output} "
+            f"({cmp.dtype}; rtol={cmp.rtol:g}, atol={cmp.atol:g})"
+        )
