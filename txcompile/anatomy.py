@@ -35,10 +35,15 @@ _LAYOUT = (
     aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permute, aten.contiguous, aten.clone,
     aten.unsqueeze, aten.squeeze, aten.expand, aten.slice, aten.select, aten.split, aten.split_with_sizes,
     aten.chunk, aten.unbind, aten.to, aten._to_copy, aten.type_as, aten.repeat_interleave, aten.t, aten.alias,
-    aten.dropout, aten.detach,
+    aten.dropout, aten.detach, aten.index, aten.index_select, aten.narrow, aten.unflatten,
 )  # fmt: skip
 _ROPE = (aten.mul, aten.div, aten.add, aten.sub, aten.neg, aten.cat, aten.stack, aten.flatten)
 _GETITEM = "getitem"
+# What sits between q @ k^T and softmax: scaling, biases (ALiBi, relative position), masks; in place or not.
+_SCORE_ELEMENTWISE = (
+    aten.add, aten.add_, aten.div, aten.div_, aten.mul, aten.mul_, aten.sub, aten.where, aten.masked_fill,
+    aten.masked_fill_, aten.tanh,
+)  # fmt: skip
 _SCORE_MATMULS = (aten.matmul, aten.bmm, aten.baddbmm, aten.einsum)
 _SOFTMAX = (aten._softmax, aten.softmax, aten._safe_softmax)
 _ACTIVATIONS = {
@@ -216,20 +221,31 @@ def _consumer_linear(start: fx.Node, by_input: dict[fx.Node, list[Linear]], limi
     return None
 
 
-def _residual_add(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """Follow `node` forward through pass-through ops to the add that joins the stream; (add, other operand)."""
+def _add_chain(node: fx.Node, depth: int = 3) -> list[tuple[fx.Node, fx.Node]]:
+    """The adds `node` flows into, in order: [(add, other operand), ...].
+
+    A sequential block has one (projection + stream); a parallel block (GPT-J, GPT-NeoX, Falcon) first adds the
+    other branch and then the stream, in either order. Dropout, casts, views and scalar scaling are looked through.
+    """
+    chain: list[tuple[fx.Node, fx.Node]] = []
     cur = node
-    for _ in range(8):
-        adds = [u for u in cur.users if is_op(u, aten.add)]
+    for _ in range(8 + depth):
+        adds = [u for u in cur.users if is_op(u, aten.add, aten.add_) and not _is_scalar_add(u)]
         if adds:
             add = adds[0]
             others = [a for a in add.args[:2] if isinstance(a, fx.Node) and a is not cur]
-            return (add, others[0]) if others else None
+            if not others:
+                break
+            chain.append((add, others[0]))
+            if len(chain) == depth:
+                break
+            cur = add
+            continue
         nxt = [u for u in cur.users if is_op(u, *PASSTHROUGH_OPS, aten.view, aten.reshape, aten.mul)]
         if len(nxt) != 1:
-            return None
+            break
         cur = nxt[0]
-    return None
+    return chain
 
 
 def _attention_cores(gm: fx.GraphModule) -> list[tuple[str, fx.Node, fx.Node, fx.Node, fx.Node, fx.Node | None]]:
@@ -266,7 +282,7 @@ def _score_matmul(start: fx.Node, limit: int = 16) -> fx.Node | None:
             if all(isinstance(x, fx.Node) and x.op == "call_function" for x in (a, b)):
                 return node
             continue
-        if is_op(node, *PASSTHROUGH_OPS, aten.add, aten.div, aten.mul, aten.where, aten.masked_fill, aten.sub):
+        if is_op(node, *PASSTHROUGH_OPS, *_SCORE_ELEMENTWISE, aten.view, aten.reshape, aten._unsafe_view):
             frontier.extend(node.all_input_nodes)
     return None
 
@@ -277,7 +293,8 @@ def _probs_times_values(softmax: fx.Node) -> fx.Node | None:
         for user in cur.users:
             if is_op(user, aten.matmul, aten.bmm) and user.args[0] is cur:
                 return user
-        nxt = [u for u in cur.users if is_op(u, *PASSTHROUGH_OPS, aten.where, aten.masked_fill)]
+        nxt = [u for u in cur.users if is_op(u, *PASSTHROUGH_OPS, aten.where, aten.masked_fill, aten.view,
+                                             aten.reshape, aten._unsafe_view)]  # fmt: skip
         if len(nxt) != 1:
             return None
         cur = nxt[0]
@@ -288,11 +305,12 @@ def _activation(start: fx.Node, end_input: fx.Node) -> str:
     """Name the activation between fc1's output and fc2's input by the ops on the paths joining them."""
     forward: set[fx.Node] = set()
     frontier = [start]
-    while frontier and len(forward) < 64:
-        node = frontier.pop()
+    while frontier and len(forward) < 256:
+        node = frontier.pop(0)
         if node not in forward:
             forward.add(node)
-            frontier.extend(node.users)
+            if node is not end_input:
+                frontier.extend(node.users)
     on_path: list[fx.Node] = []
     frontier, seen = [end_input], set()
     while frontier:
@@ -308,9 +326,11 @@ def _activation(start: fx.Node, end_input: fx.Node) -> str:
             if is_op(node, packet):
                 approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
                 names.add("gelu_tanh" if name == "gelu" and approximate == "tanh" else name)
-        if is_op(node, aten.pow) or is_op(node, aten.erf):
-            names.add(str(node.target.overloadpacket).split(".")[-1])  # type: ignore[union-attr]
-    if "gelu_tanh" in names or {"tanh", "pow"} <= names:
+        if is_op(node, aten.erf):
+            names.add("erf")
+        if any(isinstance(a, float) and abs(a - 0.044715) < 1e-6 for a in node.args):
+            names.add("gelu_cubic")  # the cubic term of the tanh approximation of GELU
+    if "gelu_tanh" in names or {"tanh", "gelu_cubic"} <= names:
         return "gelu_tanh"
     if "erf" in names:
         return "gelu"
@@ -378,9 +398,9 @@ def anatomy(gm: fx.GraphModule) -> Anatomy:
     for lin in linears:
         by_input.setdefault(lin.input, []).append(lin)
     norm_by_output = {n.output: n for n in norms}
-    norm_by_input: dict[fx.Node, Norm] = {}
+    norm_by_input: dict[fx.Node, list[Norm]] = {}
     for n in norms:
-        norm_by_input.setdefault(unwrap(n.input, PASSTHROUGH_OPS), n)
+        norm_by_input.setdefault(unwrap(n.input, PASSTHROUGH_OPS), []).append(n)
     notes: list[str] = []
     blocks: list[Block] = []
     for kind, core, q, k, v, scores in _attention_cores(gm):
@@ -397,7 +417,7 @@ def anatomy(gm: fx.GraphModule) -> Anatomy:
     head: tuple[Linear, ...] = ()
     if blocks:
         first_in = unwrap(blocks[0].stream_in, PASSTHROUGH_OPS)
-        embed_norm = norm_by_output.get(first_in)
+        embed_norm = _norm_producing(first_in, norm_by_output)
         last = blocks[-1].stream_out
         final_norm = _norm_reading(last, norm_by_input) if blocks[-1].norm_position == "pre" else None
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -406,13 +426,55 @@ def anatomy(gm: fx.GraphModule) -> Anatomy:
     return Anatomy(tuple(blocks), tuple(linears), tuple(norms), embeddings, embed_norm, final_norm, head, tuple(notes))
 
 
-def _norm_reading(node: fx.Node, norm_by_input: dict[fx.Node, Norm]) -> Norm | None:
+def _norm_producing(node: fx.Node, norm_by_output: dict[fx.Node, Norm]) -> Norm | None:
+    """The norm whose output `node` is, looking back through pass-through ops (casts after Gemma's norm)."""
+    for _ in range(6):
+        if node in norm_by_output:
+            return norm_by_output[node]
+        if not (isinstance(node, fx.Node) and is_op(node, *PASSTHROUGH_OPS) and node.args):
+            return None
+        node = node.args[0]  # type: ignore[assignment]
+    return None
+
+
+def _join_stream(
+    chain: list[tuple[fx.Node, fx.Node]], attn_input: fx.Node, in_norm: Norm | None
+) -> tuple[Literal["pre", "post"], int] | None:
+    """Where in the add chain the residual stream joins, and whether the block normalises before or after."""
+    for i, (_, other) in enumerate(chain):
+        o = unwrap(other, PASSTHROUGH_OPS)
+        if in_norm is not None and unwrap(in_norm.input, PASSTHROUGH_OPS) is o:
+            return "pre", i
+        if unwrap(attn_input, PASSTHROUGH_OPS) is o:
+            return "post", i
+    return None
+
+
+def _parallel_mlp(
+    stream: fx.Node,
+    attn_input: fx.Node,
+    in_norm: Norm | None,
+    by_input: dict[fx.Node, list[Linear]],
+    norm_by_input: dict[fx.Node, list[Norm]],
+    exclude: tuple[Linear, ...],
+) -> tuple[MLP | None, Norm | None]:
+    """The MLP of a parallel block: it reads attention's normed input, or its own norm of the same stream."""
+    mlp = _mlp(attn_input, by_input, exclude)
+    if mlp is not None:
+        return mlp, None
+    for norm in norm_by_input.get(stream, []):
+        if norm is not in_norm:
+            return _mlp(norm.output, by_input, exclude), norm
+    return None, None
+
+
+def _norm_reading(node: fx.Node, norm_by_input: dict[fx.Node, list[Norm]]) -> Norm | None:
     """The norm applied to `node`, also when the stream is reshaped first (OPT flattens to [B*T, D])."""
     if node in norm_by_input:
-        return norm_by_input[node]
+        return norm_by_input[node][0]
     for user in node.users:
         if is_op(user, aten.view, aten.reshape, aten._unsafe_view) and user in norm_by_input:
-            return norm_by_input[user]
+            return norm_by_input[user][0]
     return None
 
 
@@ -427,7 +489,7 @@ def _block(
     by_output: dict[fx.Node, Linear],
     by_input: dict[fx.Node, list[Linear]],
     norm_by_output: dict[fx.Node, Norm],
-    norm_by_input: dict[fx.Node, Norm],
+    norm_by_input: dict[fx.Node, list[Norm]],
 ) -> Block | str:
     pq, pk, pv = (_producer_linears(x, by_output) for x in (q, k, v))
     if not (pq and pk and pv):
@@ -438,52 +500,44 @@ def _block(
     out = _consumer_linear(context, by_input)
     if out is None:
         return "no output projection after the attention core"
-    res = _residual_add(out.output)
-    if res is None:
+    chain = _add_chain(out.output)
+    if not chain:
         return "the output projection does not feed a residual add"
-    attn_residual, other = res
     attn_input = pq[0].input
-    stream = unwrap(other, PASSTHROUGH_OPS)
-    pre_norm = norm_by_output.get(unwrap(attn_input, PASSTHROUGH_OPS))
+    in_norm = _norm_producing(attn_input, norm_by_output)
     projections = (pq[0],) if fused else (pq[0], pk[0], pv[0])
-    if pre_norm is not None and unwrap(pre_norm.input, PASSTHROUGH_OPS) is stream:
-        position: Literal["pre", "post"] = "pre"
-        attn_norm: Norm | None = pre_norm
+    joined = _join_stream(chain, attn_input, in_norm)
+    if joined is None:
+        return "the residual add does not join the attention's input stream"
+    position, i = joined
+    attn_residual, stream = chain[i][0], unwrap(chain[i][1], PASSTHROUGH_OPS)
+    parallel = i > 0
+    mlp_norm: Norm | None = None
+    if position == "pre":
+        attn_norm: Norm | None = in_norm
         after_attn = attn_residual
-    elif unwrap(attn_input, PASSTHROUGH_OPS) is stream:
-        position = "post"
+        mlp_norm = None if parallel else _norm_reading(attn_residual, norm_by_input)
+    else:
         attn_norm = _norm_reading(attn_residual, norm_by_input)
         after_attn = attn_norm.output if attn_norm else attn_residual
+    if parallel:
+        mlp, mlp_norm = _parallel_mlp(stream, attn_input, in_norm, by_input, norm_by_input, projections)
     else:
-        return "the residual add does not join the attention's input stream"
-    mlp_norm: Norm | None = None
-    mlp_in = after_attn
-    if position == "pre":
-        mlp_norm = _norm_reading(attn_residual, norm_by_input)
-        mlp_in = mlp_norm.output if mlp_norm else attn_residual
-    mlp = _mlp(mlp_in, by_input, projections)
-    parallel = False
-    if mlp is None:  # parallel blocks (GPT-J): the MLP reads the same normed input as attention
-        mlp = _mlp(attn_input, by_input, projections)
-        parallel = mlp is not None
-        mlp_norm = None if parallel else mlp_norm
+        mlp = _mlp(mlp_norm.output if mlp_norm else after_attn, by_input, projections)
     mlp_residual = None
     stream_out = after_attn
-    if mlp is not None:
-        res2 = _residual_add(mlp.fc2.output)
-        if res2 is not None:
-            mlp_residual = res2[0]
-            stream_out = mlp_residual
+    if mlp is not None and not parallel:
+        res = _add_chain(mlp.fc2.output, depth=1)
+        if res:
+            mlp_residual = stream_out = res[0][0]
             if position == "post":
                 mlp_norm = _norm_reading(mlp_residual, norm_by_input)
                 stream_out = mlp_norm.output if mlp_norm else mlp_residual
-        if parallel and mlp_residual is not None:
-            # attn + mlp + residual: the block's output is the last add of the three.
-            order = {n: i for i, n in enumerate(attn_residual.graph.nodes)}
-            stream_out = max((attn_residual, mlp_residual), key=order.__getitem__)
-            for user in stream_out.users:
-                if is_op(user, aten.add):
-                    stream_out = user
+    elif mlp is not None:
+        # attn + mlp + stream, in some order: the block's output is the last add of the chain.
+        mlp_out = _add_chain(mlp.fc2.output, depth=1)
+        mlp_residual = mlp_out[0][0] if mlp_out else None
+        stream_out = chain[-1][0] if mlp_residual in {a for a, _ in chain} else attn_residual
     return Block(
         index=index,
         stream_in=stream,

@@ -10,6 +10,7 @@ Invariants every pass keeps (checked by `Pipeline` after each pass):
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -17,7 +18,6 @@ from typing import Any
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 aten = torch.ops.aten
 
@@ -139,16 +139,43 @@ PASSTHROUGH_OPS = (
 
 
 def refresh_metadata(gm: fx.GraphModule) -> None:
-    """Recompute `meta["val"]` (FakeTensors with the capture's symbolic sizes) for every node.
+    """Recompute `meta["val"]` (FakeTensors with the capture's symbolic sizes) for every node, in graph order.
 
     Placeholders keep the FakeTensors torch.export gave them, so sizes stay symbolic in batch and sequence length.
+    A node whose meta kernel cannot run on symbolic sizes (e.g. `baddbmm` with a broadcast bias) keeps the value
+    export recorded for it: that value is still right, because exact rewrites do not change shapes upstream of it.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     vals = [n.meta.get("val") for n in placeholders]
     mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     if mode is None or any(v is None for v in vals):
         return  # not an exported graph (e.g. a test-built fx graph): nothing symbolic to keep
-    FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*vals)
+    # FakeTensor logs a traceback at ERROR level for every meta kernel that fails; here that is expected and handled.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        _propagate(gm, mode)
+    finally:
+        fake_log.setLevel(level)
+
+
+def _propagate(gm: fx.GraphModule, mode: Any) -> None:
+    with mode:
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                t = get_tensor(gm, node)
+                if t is not None:
+                    node.meta["val"] = mode.from_tensor(t, static_shapes=True)
+            elif node.op == "call_function":
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+                try:
+                    node.meta["val"] = node.target(*args, **kwargs)
+                except Exception:  # noqa: BLE001 - keep the recorded value; see the docstring
+                    if "val" not in node.meta:
+                        raise
+            elif node.op == "output":
+                node.meta["val"] = fx.node.map_arg(node.args[0], lambda n: n.meta.get("val"))
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

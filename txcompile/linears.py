@@ -3,7 +3,7 @@
     y = aten.linear(x, W, b)                          W: [out, in]   (nn.Linear)
     y = view(aten.addmm(b, view(x, [-1, in]), W), ..)  W: [in, out]   (GPT-2's Conv1D)
     y = aten.matmul(x, W) / aten.mm(x, W)             W: [in, out]
-    y = aten.matmul(x, aten.t(W))                     W: [out, in]
+    y = aten.matmul(x, aten.t(W))                     W: [out, in]   (also numpy_T / permute(W, [1, 0]))
 
 `Linear.weight_out_in(gm)` gives the weight as [out, in] whatever the layout, so passes that fuse, scale or shard
 linears are written once.
@@ -110,7 +110,7 @@ def _as_linear(gm: fx.GraphModule, node: fx.Node) -> Linear | None:
     if is_op(node, aten.matmul, aten.mm):
         x, w = node.args[:2]
         layout: Literal["out_in", "in_out"] = "in_out"
-        if is_op(w, aten.t) or (is_op(w, aten.transpose) and _is_last_two(w)):
+        if is_op(w, aten.t) or (is_op(w, aten.transpose) and _is_last_two(w)) or _is_2d_permute(w):
             w, layout = w.args[0], "out_in"  # type: ignore[union-attr]
         wn = _param_2d(gm, w)
         if wn is None or not isinstance(x, fx.Node):
@@ -119,6 +119,12 @@ def _as_linear(gm: fx.GraphModule, node: fx.Node) -> Linear | None:
         in_f, out_f = (shape[1], shape[0]) if layout == "out_in" else (shape[0], shape[1])
         return Linear(node, x, node, str(wn.target), None, in_f, out_f, layout, "matmul")
     return None
+
+
+def _is_2d_permute(node: object) -> bool:
+    if is_op(node, aten.numpy_T):  # `W.T` in model code
+        return True
+    return is_op(node, aten.permute) and list(node.args[1]) == [1, 0]  # type: ignore[union-attr]
 
 
 def _is_last_two(node: fx.Node) -> bool:

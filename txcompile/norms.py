@@ -87,12 +87,14 @@ def _written_rms(gm: fx.GraphModule, rsqrt: fx.Node) -> Norm | None:
         user = next(iter(out.users))
         if is_op(user, aten.mul):
             other = user.args[0] if user.args[1] is out else user.args[1]
-            t = get_tensor(gm, other)
+            t = get_tensor(gm, unwrap(other, _CASTS))
             if t is not None and t.dim() == 1:
-                weight, out = str(other.target), user  # type: ignore[union-attr]
+                weight, out = str(unwrap(other, _CASTS).target), user  # type: ignore[union-attr]
             elif is_op(other, aten.add) and any(isinstance(a, (int, float)) for a in other.args):
-                param = next((a for a in other.args if isinstance(a, fx.Node)), None)
+                param = unwrap(next((a for a in other.args if isinstance(a, fx.Node)), None), _CASTS)
                 if get_tensor(gm, param) is not None:
                     weight, out = str(param.target), user  # type: ignore[union-attr]
                     offset = float(next(a for a in other.args if isinstance(a, (int, float))))
+    while len(out.users) == 1 and is_op(next(iter(out.users)), *_CASTS):
+        out = next(iter(out.users))
     return Norm("rmsnorm", unwrap(source, PASSTHROUGH_OPS), out, weight, None, float(eps), offset)
