@@ -37,6 +37,9 @@ class OptimizedModule(nn.Module):
         self._program = None if program is graph_module else program
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        info = capture_info(self.graph_module)
+        if info is not None and info.call is not None:
+            args, kwargs = info.call.adapt(args, kwargs)
         program = self.graph_module if self._program is None else self._program
         return program(*args, **kwargs)
 

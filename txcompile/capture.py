@@ -30,7 +30,7 @@ from torch.export import Dim
 from .errors import CaptureError, InputError
 from .ir import refresh_metadata
 
-__all__ = ["capture", "normalize_inputs", "CaptureInfo", "capture_info", "eval_mode"]
+__all__ = ["capture", "normalize_inputs", "CaptureInfo", "CallSpec", "capture_info", "eval_mode"]
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -43,6 +43,41 @@ class InputSpec:
     dynamic: tuple[int, ...]  # dims declared dynamic
 
 
+@dataclass(frozen=True)
+class CallSpec:
+    """How the captured program is called: which inputs were positional, which keyword, and the forward's names.
+
+    The exported program only accepts the exact form it was traced with; `adapt` maps any call the original
+    `forward` would accept (positional or keyword) onto that form.
+    """
+
+    parameters: tuple[str, ...]  # forward's parameter names, in order
+    positional: tuple[str, ...]
+    keywords: tuple[str, ...]
+
+    def adapt(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if len(args) == len(self.positional) and set(kwargs) == set(self.keywords):
+            return args, kwargs
+        if len(args) > len(self.parameters):
+            raise InputError(f"got {len(args)} positional inputs; forward takes {len(self.parameters)}")
+        given = dict(zip(self.parameters, args))
+        for key, value in kwargs.items():
+            if key in given:
+                raise InputError(f"input '{key}' given both by position and by keyword")
+            given[key] = value
+        wanted = self.positional + self.keywords
+        missing = [n for n in wanted if given.get(n) is None]
+        if missing:
+            raise InputError(f"missing input(s) {missing}: the program was captured with {list(wanted)}")
+        extra = [n for n, v in given.items() if n not in wanted and v is not None]
+        if extra:
+            raise InputError(
+                f"input(s) {extra} were not part of the example inputs at capture; capture again with them "
+                f"(captured: {list(wanted)})"
+            )
+        return tuple(given[n] for n in self.positional), {k: given[k] for k in self.keywords}
+
+
 @dataclass
 class CaptureInfo:
     """What capture did, kept in `gm.meta["txcompile"]` for reports and artifacts."""
@@ -52,6 +87,7 @@ class CaptureInfo:
     range_constraints: dict[str, str]
     seconds: float
     dynamic: bool
+    call: CallSpec | None = None
     warnings: list[str] = field(default_factory=list)
 
 
@@ -139,13 +175,24 @@ def _widen(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
-def _plan(model: nn.Module, inputs: Inputs, dynamic: bool) -> tuple[Inputs, Any, tuple[InputSpec, ...]]:
-    """Widened example inputs, the export `dynamic_shapes` spec (keyed by argument name), and input specs."""
+def _call_spec(model: nn.Module, inputs: Inputs) -> CallSpec:
     args, kwargs = inputs
+    signature = inspect.signature(model.forward)
     try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+        bound = signature.bind(*args, **kwargs).arguments
     except TypeError as e:
         raise InputError(f"example inputs do not fit {type(model).__name__}.forward: {e}") from None
+    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    parameters = tuple(n for n, p in signature.parameters.items() if p.kind in plain)
+    positional = tuple(list(bound)[: len(args)])
+    if len(positional) != len(args):  # forward(*args): no names to bind by
+        raise InputError(f"{type(model).__name__}.forward takes *args; give example inputs as keyword tensors")
+    return CallSpec(parameters, positional, tuple(kwargs))
+
+
+def _plan(call: CallSpec, inputs: Inputs, dynamic: bool) -> tuple[Inputs, Any, tuple[InputSpec, ...]]:
+    """Widened example inputs, the export `dynamic_shapes` spec (keyed by argument name), and input specs."""
+    args, kwargs = inputs
     specs: list[InputSpec] = []
     shapes: dict[str, Any] = {}
 
@@ -158,8 +205,7 @@ def _plan(model: nn.Module, inputs: Inputs, dynamic: bool) -> tuple[Inputs, Any,
         shapes[name] = {d: Dim.AUTO for d in dims} or None
         return _widen(t, dims)
 
-    names = list(bound)
-    new_args = tuple(one(names[i], a) for i, a in enumerate(args))
+    new_args = tuple(one(name, a) for name, a in zip(call.positional, args))
     new_kwargs = {k: one(k, v) for k, v in kwargs.items()}
     return (new_args, new_kwargs), (shapes if dynamic else None), tuple(specs)
 
@@ -211,7 +257,8 @@ def capture(
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
     name = type(model).__name__
-    (args, kwargs), auto_shapes, specs = _plan(model, inputs, dynamic)
+    call = _call_spec(model, inputs)
+    (args, kwargs), auto_shapes, specs = _plan(call, inputs, dynamic)
     shapes = dynamic_shapes if dynamic_shapes is not None else auto_shapes
     warnings: list[str] = []
     start = time.perf_counter()
@@ -233,7 +280,8 @@ def capture(
     ranges = {str(k): str(v) for k, v in ep.range_constraints.items()}
     if dynamic and not ranges and any(s.dynamic for s in specs):
         warnings.append("no dim stayed dynamic: the model specializes batch and sequence sizes")
-    gm.meta["txcompile"] = CaptureInfo(name, specs, ranges, time.perf_counter() - start, dynamic, warnings)
+    seconds = time.perf_counter() - start
+    gm.meta["txcompile"] = CaptureInfo(name, specs, ranges, seconds, dynamic, call, warnings)
     return gm
 
 

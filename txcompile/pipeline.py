@@ -148,11 +148,14 @@ class Pipeline:
         verify: Verifier | None,
         iteration: int,
     ) -> tuple[fx.GraphModule, PassRecord]:
-        before = copy_graph_module(gm)
+        # The pass edits a copy (weights shared, never written), so the graph it was given is the snapshot: on
+        # failure it is what remains, and verification compares against it.
+        before = gm
+        work = copy_graph_module(gm)
         ops_before = count_ops(gm)
         start = time.perf_counter()
         try:
-            result = p(gm, ctx)
+            result = p(work, ctx)
             if not isinstance(result, PassResult):
                 raise TypeError(f"pass returned {type(result).__name__}, expected PassResult")
             out = result.gm

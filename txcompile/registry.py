@@ -205,7 +205,7 @@ def resolve_passes(passes: Sequence[Any] | str | None) -> tuple[Any, ...]:
             if not specs:
                 raise SpecError(f"empty pass spec {p!r}; valid passes: {', '.join(sorted(pass_types()))}")
             out.extend(parse_spec(s) for s in specs)
-        elif isinstance(p, Pass) and dataclasses.is_dataclass(p):
+        elif isinstance(p, Pass) and dataclasses.is_dataclass(p) and not isinstance(p, type):
             out.append(p)
         else:
             raise SpecError(
@@ -224,7 +224,11 @@ def list_passes() -> list[PassInfo]:
         for f in dataclasses.fields(cls):
             if not f.init:
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else None
+            default: Any = "(required)"
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
             options.append(OptionInfo(f.name, _type_label(hints[f.name]), default, f.metadata.get("help", "")))
         infos.append(PassInfo(name, cls.contract, cls.summary, tuple(options), cls))
     return infos

@@ -24,7 +24,7 @@ from torch import fx
 from torch.fx.subgraph_rewriter import replace_pattern_with_filters
 
 from .errors import PassError
-from .ir import get_tensor, tensor_meta
+from .ir import get_tensor, refresh_metadata, tensor_meta
 
 __all__ = ["Rule", "Match", "rewrite"]
 
@@ -83,6 +83,9 @@ def rewrite(gm: fx.GraphModule, rules: Sequence[Rule], *, max_iters: int = 100) 
             if replaced:
                 fired[rule.name] += len(replaced)
                 changed = True
+                # Later rules' `where` filters read shapes, including those of nodes this rule just inserted.
+                gm.recompile()
+                refresh_metadata(gm)
         if not changed:
             return fired
     raise PassError(

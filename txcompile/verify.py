@@ -43,8 +43,8 @@ class Comparison:
     ok: bool
     max_abs: float
     max_rel: float
-    # Index of the flattened output with the largest violation, its dtype, and the tolerance it was held to.
-    worst_output: int
+    # Where in the output the largest violation is ("output.last_hidden_state"), its dtype, and the tolerance.
+    worst_output: str
     dtype: str
     rtol: float
     atol: float
@@ -53,26 +53,41 @@ class Comparison:
         return {"ok": self.ok, "max_abs": self.max_abs, "max_rel": self.max_rel, "dtype": self.dtype}
 
 
-def _leaves(out: Any) -> list[torch.Tensor]:
-    # HF ModelOutput objects are registered pytree nodes, so they flatten like the dicts they are.
-    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+def _pairs(expected: Any, actual: Any, path: str = "output") -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Pair the tensors of two outputs by structure: dicts (and HF ModelOutputs) by key, sequences by position."""
+    if isinstance(expected, torch.Tensor) or isinstance(actual, torch.Tensor):
+        if not (isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor)):
+            raise InputError(f"outputs differ in structure at {path}: {type(expected).__name__} vs {type(actual).__name__}")
+        return [(path, expected, actual)]
+    if isinstance(expected, Mapping) and isinstance(actual, Mapping):
+        if set(expected) != set(actual):
+            raise InputError(f"outputs differ in structure at {path}: keys {sorted(expected)} vs {sorted(actual)}")
+        return [p for k in expected for p in _pairs(expected[k], actual[k], f"{path}.{k}")]
+    if isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple)):
+        if len(expected) != len(actual):
+            raise InputError(f"outputs differ in structure at {path}: {len(expected)} vs {len(actual)} items")
+        return [p for i, (e, a) in enumerate(zip(expected, actual)) for p in _pairs(e, a, f"{path}[{i}]")]
+    if isinstance(expected, (Mapping, list, tuple)) or isinstance(actual, (Mapping, list, tuple)):
+        raise InputError(f"outputs differ in structure at {path}: {type(expected).__name__} vs {type(actual).__name__}")
+    return []  # non-tensor leaves (None, ints) carry no numbers to compare
 
 
 def compare(expected: Any, actual: Any, *, scale: float = 1.0) -> Comparison:
-    """Compare two programs' outputs leaf by leaf at the dtype tolerance times `scale`."""
-    exp, act = _leaves(expected), _leaves(actual)
-    if len(exp) != len(act):
-        raise InputError(f"outputs differ in structure: {len(exp)} tensors expected, {len(act)} produced")
-    worst = Comparison(True, 0.0, 0.0, -1, "", 0.0, 0.0)
+    """Compare two programs' outputs tensor by tensor at the dtype tolerance times `scale`.
+
+    NaN and inf must sit at the same positions with the same value; finite values are held to the tolerance.
+    Outputs that differ in structure (keys, lengths, container types) raise InputError.
+    """
+    worst = Comparison(True, 0.0, 0.0, "", "", 0.0, 0.0)
     worst_excess = -math.inf
-    for i, (e, a) in enumerate(zip(exp, act)):
+    for where, e, a in _pairs(expected, actual):
         if e.shape != a.shape:
-            return Comparison(False, math.inf, math.inf, i, str(e.dtype), 0.0, 0.0)
+            return Comparison(False, math.inf, math.inf, where, str(e.dtype).replace("torch.", ""), 0.0, 0.0)
         rtol, atol = tolerance(e.dtype)
         rtol, atol = rtol * scale, atol * scale
         e64, a64 = e.detach().double(), a.detach().to(e.device).double()
         finite = torch.isfinite(e64) & torch.isfinite(a64)
-        same_nonfinite = bool(((e64 == a64) | finite).all())
+        same_nonfinite = bool(((e64 == a64) | finite | (e64.isnan() & a64.isnan())).all())
         diff = (a64 - e64).abs().where(finite, torch.zeros((), dtype=torch.float64))
         max_abs = float(diff.max()) if diff.numel() else 0.0
         max_rel = float((diff / e64.abs().clamp_min(1e-12)).max()) if diff.numel() else 0.0
@@ -81,7 +96,7 @@ def compare(expected: Any, actual: Any, *, scale: float = 1.0) -> Comparison:
             excess, max_abs = math.inf, math.inf
         if excess > worst_excess:
             worst_excess = excess
-            worst = Comparison(excess <= 0, max_abs, max_rel, i, str(e.dtype).replace("torch.", ""), rtol, atol)
+            worst = Comparison(excess <= 0, max_abs, max_rel, where, str(e.dtype).replace("torch.", ""), rtol, atol)
     return worst
 
 
