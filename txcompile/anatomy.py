@@ -36,6 +36,7 @@ _LAYOUT = (
     aten.unsqueeze, aten.squeeze, aten.expand, aten.slice, aten.select, aten.split, aten.split_with_sizes,
     aten.chunk, aten.unbind, aten.to, aten._to_copy, aten.type_as, aten.repeat_interleave, aten.t, aten.alias,
     aten.dropout, aten.detach, aten.index, aten.index_select, aten.narrow, aten.unflatten,
+    aten.flatten,
 )  # fmt: skip
 _ROPE = (aten.mul, aten.div, aten.add, aten.sub, aten.neg, aten.cat, aten.stack, aten.flatten)
 _GETITEM = "getitem"
@@ -511,19 +512,21 @@ def _block(
         return "the residual add does not join the attention's input stream"
     position, i = joined
     attn_residual, stream = chain[i][0], unwrap(chain[i][1], PASSTHROUGH_OPS)
-    parallel = i > 0
     mlp_norm: Norm | None = None
     if position == "pre":
         attn_norm: Norm | None = in_norm
         after_attn = attn_residual
-        mlp_norm = None if parallel else _norm_reading(attn_residual, norm_by_input)
     else:
         attn_norm = _norm_reading(attn_residual, norm_by_input)
         after_attn = attn_norm.output if attn_norm else attn_residual
-    if parallel:
-        mlp, mlp_norm = _parallel_mlp(stream, attn_input, in_norm, by_input, norm_by_input, projections)
-    else:
+    mlp = None
+    parallel = i > 0  # another branch joined attention's output before the stream did
+    if not parallel:
+        mlp_norm = _norm_reading(attn_residual, norm_by_input) if position == "pre" else None
         mlp = _mlp(mlp_norm.output if mlp_norm else after_attn, by_input, projections)
+    if mlp is None:
+        mlp, mlp_norm = _parallel_mlp(stream, attn_input, in_norm, by_input, norm_by_input, projections)
+        parallel = mlp is not None
     mlp_residual = None
     stream_out = after_attn
     if mlp is not None and not parallel:
@@ -534,10 +537,13 @@ def _block(
                 mlp_norm = _norm_reading(mlp_residual, norm_by_input)
                 stream_out = mlp_norm.output if mlp_norm else mlp_residual
     elif mlp is not None:
-        # attn + mlp + stream, in some order: the block's output is the last add of the chain.
-        mlp_out = _add_chain(mlp.fc2.output, depth=1)
-        mlp_residual = mlp_out[0][0] if mlp_out else None
-        stream_out = chain[-1][0] if mlp_residual in {a for a, _ in chain} else attn_residual
+        # attn + mlp + stream in some order; the block ends at the add that completes all three.
+        joins = _add_chain(mlp.fc2.output, depth=1)
+        mlp_residual = joins[0][0] if joins else None
+        ends = [add for add, _ in chain[: i + 2]]
+        stream_out = attn_residual
+        if mlp_residual in ends and ends.index(mlp_residual) > i:
+            stream_out = mlp_residual
     return Block(
         index=index,
         stream_in=stream,

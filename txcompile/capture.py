@@ -276,7 +276,7 @@ def capture(
     gm = ep.module()
     _own_weights(gm)
     _drop_dtype_asserts(gm)
-    refresh_metadata(gm)
+    refresh_metadata(gm)  # export filled every call's value; this adds the parameters' (cheap, no propagation)
     ranges = {str(k): str(v) for k, v in ep.range_constraints.items()}
     if dynamic and not ranges and any(s.dynamic for s in specs):
         warnings.append("no dim stayed dynamic: the model specializes batch and sequence sizes")

@@ -138,12 +138,16 @@ PASSTHROUGH_OPS = (
 )
 
 
-def refresh_metadata(gm: fx.GraphModule) -> None:
-    """Recompute `meta["val"]` (FakeTensors with the capture's symbolic sizes) for every node, in graph order.
+def refresh_metadata(gm: fx.GraphModule, *, full: bool = False) -> None:
+    """Bring `meta["val"]` (FakeTensors with the capture's symbolic sizes) up to date after a rewrite.
 
+    Incremental by default: a node is recomputed when it has no value yet (a node a pass inserted) or when one of
+    its inputs was recomputed to a different shape, dtype or device; propagation stops where values stop changing.
+    Exact rewrites therefore cost a handful of fake ops, while shape-changing rewrites (token merging) update
+    everything downstream. `full=True` recomputes every node.
     Placeholders keep the FakeTensors torch.export gave them, so sizes stay symbolic in batch and sequence length.
     A node whose meta kernel cannot run on symbolic sizes (e.g. `baddbmm` with a broadcast bias) keeps the value
-    export recorded for it: that value is still right, because exact rewrites do not change shapes upstream of it.
+    export recorded for it.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     vals = [n.meta.get("val") for n in placeholders]
@@ -155,27 +159,53 @@ def refresh_metadata(gm: fx.GraphModule) -> None:
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
     try:
-        _propagate(gm, mode)
+        _propagate(gm, mode, full)
     finally:
         fake_log.setLevel(level)
 
 
-def _propagate(gm: fx.GraphModule, mode: Any) -> None:
+def _same_meta(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return (
+            a.dtype == b.dtype
+            and a.device == b.device
+            and len(a.shape) == len(b.shape)
+            and all(str(x) == str(y) for x, y in zip(a.shape, b.shape))
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_meta(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and not isinstance(a, torch.Tensor)
+
+
+def _propagate(gm: fx.GraphModule, mode: Any, full: bool) -> None:
+    changed: set[fx.Node] = set()
     with mode:
         for node in gm.graph.nodes:
+            old = node.meta.get("val")
             if node.op == "get_attr":
                 t = get_tensor(gm, node)
-                if t is not None:
+                if t is not None and (old is None or full or not _same_meta(old, t)):
                     node.meta["val"] = mode.from_tensor(t, static_shapes=True)
-            elif node.op == "call_function":
-                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
-                try:
-                    node.meta["val"] = node.target(*args, **kwargs)
-                except Exception:  # noqa: BLE001 - keep the recorded value; see the docstring
-                    if "val" not in node.meta:
-                        raise
-            elif node.op == "output":
+                    if old is not None:
+                        changed.add(node)
+                continue
+            if node.op == "output":
                 node.meta["val"] = fx.node.map_arg(node.args[0], lambda n: n.meta.get("val"))
+                continue
+            if node.op != "call_function":
+                continue
+            if not (full or old is None or any(i in changed for i in node.all_input_nodes)):
+                continue
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+            try:
+                new = node.target(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - keep the recorded value; see refresh_metadata
+                if old is None:
+                    raise
+                continue
+            node.meta["val"] = new
+            if old is None or not _same_meta(old, new):
+                changed.add(node)
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -184,8 +214,12 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     Cheap enough to snapshot before every pass: weights are shared, only nodes are copied.
     """
     import copy
+    import warnings
 
-    graph = copy.deepcopy(gm.graph)
+    with warnings.catch_warnings():
+        # torch's own pytree specs warn about a deprecated isinstance check while being deep-copied.
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
     new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     for attr in ("_in_spec", "_out_spec", "meta"):
         if hasattr(gm, attr):

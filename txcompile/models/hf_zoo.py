@@ -46,7 +46,6 @@ def _text_inputs(
     seed: int,
     *,
     pad_id: int = 0,
-    mask: bool = True,
     token_types: bool = False,
     batch: int = BATCH,
     seq: int = SEQ,
@@ -55,13 +54,11 @@ def _text_inputs(
     gen = torch.Generator().manual_seed(seed + 1)
     # Ids >= 4 avoid every special/pad id used below, so the only pad tokens are the ones placed on purpose.
     ids = torch.randint(4, VOCAB, (batch, seq), generator=gen)
-    out: dict[str, Tensor] = {"input_ids": ids}
-    if mask:
-        attn = torch.ones(batch, seq, dtype=torch.long)
-        if batch > 1 and seq > PAD:
-            attn[-1, seq - PAD :] = 0
-            ids[-1, seq - PAD :] = pad_id
-        out["attention_mask"] = attn
+    attn = torch.ones(batch, seq, dtype=torch.long)
+    if batch > 1 and seq > PAD:
+        attn[-1, seq - PAD :] = 0
+        ids[-1, seq - PAD :] = pad_id
+    out: dict[str, Tensor] = {"input_ids": ids, "attention_mask": attn}
     if token_types:
         out["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
     return out

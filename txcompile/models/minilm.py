@@ -106,7 +106,9 @@ def load_minilm(*, attn_implementation: str | None = None) -> tuple[nn.Module, P
     # Set before importing transformers' hub helpers: a local path should never trigger a network lookup.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise in reports and CI logs
     path = model_dir()
     kwargs: dict[str, Any] = {}
     if attn_implementation is not None:
