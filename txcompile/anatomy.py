@@ -15,7 +15,7 @@ next residual add. `nn_module_stack` is only used to label things for people.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -205,8 +205,10 @@ def _producer_linears(start: fx.Node, by_output: dict[fx.Node, Linear], limit: i
     return found
 
 
-def _consumer_linear(start: fx.Node, by_input: dict[fx.Node, list[Linear]], limit: int = 32) -> Linear | None:
-    """The first linear that `start` reaches forwards through layout ops."""
+def _linear_ahead(
+    start: fx.Node, by_input: dict[fx.Node, list[Linear]], follow: Callable[[fx.Node], bool], limit: int
+) -> Linear | None:
+    """The first linear that `start` reaches forwards (breadth first) through nodes `follow` accepts."""
     seen: set[fx.Node] = set()
     frontier = [start]
     while frontier and len(seen) < limit:
@@ -214,12 +216,17 @@ def _consumer_linear(start: fx.Node, by_input: dict[fx.Node, list[Linear]], limi
         if node in seen:
             continue
         seen.add(node)
-        if node in by_input:
+        if node is not start and node in by_input:
             return by_input[node][0]
-        for user in node.users:
-            if is_op(user, *_LAYOUT):
-                frontier.append(user)
+        frontier.extend(user for user in node.users if follow(user))
     return None
+
+
+def _consumer_linear(start: fx.Node, by_input: dict[fx.Node, list[Linear]]) -> Linear | None:
+    """The output projection: the first linear the attention context reaches through layout ops."""
+    if start in by_input:
+        return by_input[start][0]
+    return _linear_ahead(start, by_input, lambda n: is_op(n, *_LAYOUT), limit=32)
 
 
 def _add_chain(node: fx.Node, depth: int = 3) -> list[tuple[fx.Node, fx.Node]]:
@@ -368,21 +375,13 @@ def _mlp(stream: fx.Node, by_input: dict[fx.Node, list[Linear]], exclude: Iterab
     return MLP(fc1=fc1, fc2=fc2, activation=act, gated=gated)
 
 
-def _next_linear(start: fx.Node, by_input: dict[fx.Node, list[Linear]], limit: int = 48) -> Linear | None:
-    """The first linear reached forwards from `start` through elementwise activation math (incl. gating)."""
-    seen: set[fx.Node] = set()
-    frontier = [start]
-    while frontier and len(seen) < limit:
-        node = frontier.pop(0)
-        if node in seen:
-            continue
-        seen.add(node)
-        if node is not start and node in by_input:
-            return by_input[node][0]
-        for user in node.users:
-            if user.op == "call_function" and not is_op(user, aten.add) or _is_scalar_add(user):
-                frontier.append(user)
-    return None
+def _next_linear(start: fx.Node, by_input: dict[fx.Node, list[Linear]]) -> Linear | None:
+    """The down projection: the first linear reached through activation math and gating (not residual adds)."""
+
+    def follow(n: fx.Node) -> bool:
+        return n.op == "call_function" and (not is_op(n, aten.add) or _is_scalar_add(n))
+
+    return _linear_ahead(start, by_input, follow, limit=48)
 
 
 def _is_scalar_add(node: fx.Node) -> bool:

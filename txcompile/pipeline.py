@@ -47,7 +47,14 @@ class PassContext:
 
 @runtime_checkable
 class Pass(Protocol):
-    """The pass protocol. Options are dataclass fields; `name` is the registry key and the module name."""
+    """The pass protocol. Options are dataclass fields; `name` is the registry key and the module name.
+
+    Approximate passes may also define:
+    - `is_identity(self) -> bool`: True at the setting that must be exact (r=0, threshold=inf, 16-bit);
+      verification then holds the pass to the exact contract;
+    - `check_quality(self, measured: dict) -> str | None`: given the measured error (max_abs, cosine vs the
+      original), the reason the pass's declared budget was exceeded, or None.
+    """
 
     name: ClassVar[str]
     contract: ClassVar[Contract]
@@ -183,7 +190,20 @@ class Pipeline:
         )
         if verify is not None and result.modified:
             record.error = verify(p, before, out)
+        _dump(out, record, len(done))
         return out, record
+
+
+def _dump(gm: fx.GraphModule, record: PassRecord, index: int) -> None:
+    """TXC_DUMP_DIR: write the graph after each pass as readable Python, to diff what each pass did."""
+    from . import _env
+
+    folder = _env.dump_dir()
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{index + 1:02d}_{record.name}.py"
+    (folder / name).write_text(f"# after pass {record.spec} (modified={record.modified})\n{gm.code}")
 
 
 def spec_of(p: Pass) -> str:
