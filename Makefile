@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.txcompile-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install system-deps demo test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,14 +20,20 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# The main job: convert the bundled all-MiniLM-L6-v2 with a verified pipeline into out/minilm and print the report.
 demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/txcompile demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/txcompile convert minilm --passes cleanup,fuse_qkv --format onnx -o out/minilm --force
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 -q
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/optimize_latency.py
+
+# Optional system packages for the HTML-screenshot and Graphviz tests (they skip cleanly without them). Needs root.
+system-deps:
+	command -v chromium >/dev/null && command -v dot >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium graphviz)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

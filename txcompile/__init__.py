@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from .anatomy import Anatomy, anatomy
 from .api import OptimizedModule, optimize
+from .artifact import LoadedProgram, load
 from .capture import capture
 from .errors import (
+    ArtifactError,
     BackendError,
     CaptureError,
     InputError,
@@ -30,6 +32,8 @@ __all__ = [
     "optimize",
     "OptimizedModule",
     "capture",
+    "load",
+    "LoadedProgram",
     "anatomy",
     "Anatomy",
     "list_passes",
@@ -48,5 +52,6 @@ __all__ = [
     "PassError",
     "VerificationError",
     "BackendError",
+    "ArtifactError",
     "__version__",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -103,6 +103,7 @@ def optimize(
     strict: bool = False,
     dynamic: bool = True,
     max_iters: int = 1,
+    progress: Callable[[str], None] | None = None,
 ) -> OptimizedModule:
     """Capture `model`, rewrite it with `passes`, check every rewrite, and lower it to `backend`.
 
@@ -117,6 +118,7 @@ def optimize(
         strict: make backend fallbacks to plain ATen an error.
         dynamic: keep batch and sequence dims dynamic in the captured program.
         max_iters: rounds of the pass list (a bounded fixpoint).
+        progress: called with the name of each step as it starts ("capture", "pass fuse_qkv", ...), for UIs.
 
     Returns:
         An `OptimizedModule` with `.graph_module` and `.report`.
@@ -129,12 +131,14 @@ def optimize(
     calib = list(calibration_data) if calibration_data is not None else None
     if calib is not None:
         calib = [normalize_inputs(c, what="calibration_data item") for c in calib]
+    step = progress or (lambda _name: None)
     start = time.perf_counter()
     report = Report(model=type(model).__name__, backend=be.name)
     reference = None
     if verify:
         with eval_mode(model):
             reference = run_program(model, inputs)
+    step("capture")
     gm = capture(model, inputs, dynamic=dynamic)
     report.capture = capture_info(gm)
     report.seconds["capture"] = time.perf_counter() - start
@@ -145,10 +149,13 @@ def optimize(
         verifier = _Verifier(reference, inputs, captured_out)
     ctx = PassContext(example_inputs=inputs, calibration_data=calib)
     t = time.perf_counter()
-    gm, records = Pipeline(pass_list, max_iters=max_iters).run(gm, ctx, verify=verifier)
+    gm, records = Pipeline(pass_list, max_iters=max_iters).run(
+        gm, ctx, verify=verifier, on_start=lambda p: step(f"pass {spec_of(p)}")
+    )
     report.records = records
     report.seconds["passes"] = time.perf_counter() - t
     t = time.perf_counter()
+    step(f"lower to {be.name}")
     lowered = be.lower(gm, inputs, strict=strict)
     report.fallbacks = list(lowered.fallbacks)
     report.seconds["lower"] = time.perf_counter() - t

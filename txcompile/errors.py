@@ -14,6 +14,7 @@ __all__ = [
     "PassError",
     "VerificationError",
     "BackendError",
+    "ArtifactError",
 ]
 
 
@@ -49,3 +50,7 @@ class VerificationError(TxcError):
 
 class BackendError(TxcError):
     """A backend cannot lower a node and `strict=True` forbids falling back to ATen."""
+
+
+class ArtifactError(TxcError):
+    """An artifact directory cannot be written (OUT exists) or read (missing, corrupt, or from another format)."""

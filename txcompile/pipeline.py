@@ -125,12 +125,15 @@ class Pipeline:
         *,
         verify: Verifier | None = None,
         on_record: Callable[[PassRecord], None] | None = None,
+        on_start: Callable[[Pass], None] | None = None,
     ) -> tuple[fx.GraphModule, list[PassRecord]]:
         records: list[PassRecord] = []
         done: list[str] = []
         for iteration in range(self.max_iters):
             changed = False
             for p in self.passes:
+                if on_start is not None:
+                    on_start(p)
                 gm, record = self._run_one(p, gm, ctx, done, verify, iteration)
                 done.append(spec_of(p))
                 records.append(record)

@@ -7,14 +7,22 @@
         assert_ops(opt.graph_module, expect={"aten.split_with_sizes": 6}, forbid=["aten.dropout"])
         assert_equivalent(model, opt, other_inputs)
 
+`assert_roundtrip(opt, inputs)` saves an optimized program as an artifact, loads it in a fresh Python process that only
+does `import txcompile`, and checks it computes what `opt` computes: the test that a pass's new ops persist.
+
 Op keys are the short names `count_ops` prints ("aten.linear"), or the ops themselves (`torch.ops.aten.linear`).
 Failures print a table of the graph (op, module path, shape, dtype) so the pytest report shows what is there.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +34,7 @@ from .pipeline import count_ops
 from .report import render_table
 from .verify import compare, run_program
 
-__all__ = ["count_ops", "assert_ops", "assert_equivalent", "graph_table"]
+__all__ = ["count_ops", "assert_ops", "assert_equivalent", "assert_roundtrip", "graph_table"]
 
 
 def _key(op: Any) -> str:
@@ -97,4 +105,84 @@ def assert_equivalent(original: nn.Module, optimized: Any, inputs: Any, *, scale
         raise AssertionError(
             f"outputs differ: max abs {cmp.max_abs:.3g}, max rel {cmp.max_rel:.3g} at output {cmp.worst_output} "
             f"({cmp.dtype}; rtol={cmp.rtol:g}, atol={cmp.atol:g})"
+        )
+
+
+# Run in the fresh process. It starts while the parent is still saving, and imports torch's export deserializer (most of
+# a load's time) meanwhile; the parent's "go" line on stdin says the artifact (argv[1]) and inputs (argv[2]) are ready.
+_ROUNDTRIP_SCRIPT = """
+import sys
+import torch
+try:
+    import torch._export.serde.serialize  # private module: only a head start, so its absence is no error
+except ImportError:
+    pass
+import txcompile.artifact
+
+if sys.stdin.readline().strip() != "go":
+    sys.exit(0)  # the parent failed before the artifact was complete
+program = txcompile.artifact.load(sys.argv[1])
+args, kwargs = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    outputs = program(*args, **kwargs)
+torch.save(outputs, sys.argv[3])
+"""
+
+
+def assert_roundtrip(
+    opt: Any, inputs: Any, *, tmp_dir: str | os.PathLike[str] | None = None, atol_scale: float = 1.0
+) -> None:
+    """Assert that `opt` saved as an artifact and loaded in a new process computes what `opt` computes here.
+
+    The new process knows nothing but `import txcompile`, so every op a pass introduced must be a registered custom op
+    with a fake implementation. `inputs` takes the forms of `example_inputs` and may have other batch and sequence
+    sizes than the capture. Outputs are compared at the per-dtype tolerance times `atol_scale`.
+    """
+    from . import artifact  # deferred: most users of this module never write artifacts
+
+    args = normalize_inputs(inputs, what="inputs")
+    expected = run_program(opt, args)
+    with tempfile.TemporaryDirectory(prefix="txc-roundtrip-", dir=tmp_dir) as work:
+        root = Path(work)
+        paths = (root / "artifact", root / "inputs.pt", root / "outputs.pt")
+        child = _start_fresh_process(*paths)
+        try:
+            artifact.save(opt, paths[0], label="roundtrip", example_inputs=inputs)
+            torch.save(args, paths[1])
+        except BaseException:
+            child.kill()
+            child.communicate()
+            raise
+        _finish_fresh_process(child)
+        # Written a moment ago by our own subprocess; outputs may be Hugging Face ModelOutputs, not plain tensors.
+        actual = torch.load(paths[2], weights_only=False)
+    cmp = compare(expected, actual, scale=atol_scale)
+    if not cmp.ok:
+        raise AssertionError(
+            f"the artifact loaded in a new process differs from the optimized program: max abs {cmp.max_abs:.3g}, "
+            f"max rel {cmp.max_rel:.3g} at output {cmp.worst_output} "
+            f"({cmp.dtype}; rtol={cmp.rtol:g}, atol={cmp.atol:g})"
+        )
+
+
+def _start_fresh_process(artifact_dir: Path, inputs_path: Path, outputs_path: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    # The subprocess must import this very txcompile, even when it is not the installed one.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    command = [sys.executable, "-c", _ROUNDTRIP_SCRIPT, str(artifact_dir), str(inputs_path), str(outputs_path)]
+    pipe = subprocess.PIPE
+    return subprocess.Popen(command, stdin=pipe, stdout=pipe, stderr=pipe, text=True, env=env)
+
+
+def _finish_fresh_process(child: subprocess.Popen[str]) -> None:
+    try:
+        _, stderr = child.communicate("go\n", timeout=600)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        _, stderr = child.communicate()
+    if child.returncode != 0:
+        tail = stderr.strip()[-3000:]
+        raise AssertionError(
+            f"loading and running the artifact in a new process failed (exit {child.returncode}):\n{tail}"
         )
