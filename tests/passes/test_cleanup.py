@@ -70,3 +70,11 @@ def test_options_turn_steps_off():
     stats = opt.report.records[0].stats
     assert stats["folded"] == 0 and stats["cse"] == 0
     assert_ops(opt, expect={"aten.sigmoid": 2, "aten.exp": 1})
+
+
+def test_folded_graph_round_trips_through_an_artifact(tmp_path):
+    from txcompile.testing import assert_roundtrip
+
+    model = Messy()
+    opt = txc.optimize(model, ["cleanup"], example_inputs=(torch.randn(3, 5, 8),))
+    assert_roundtrip(opt, (torch.randn(2, 7, 8),), tmp_dir=tmp_path)

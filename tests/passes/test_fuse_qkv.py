@@ -74,3 +74,11 @@ def test_minilm_real_weights(minilm):
     expected = loader.encode(model, tokenizer, loader.HELD_OUT_SENTENCES[:6])
     actual = loader.encode(opt, tokenizer, loader.HELD_OUT_SENTENCES[:6])
     assert (expected - actual).abs().max() < 1e-5
+
+
+def test_rewritten_graph_round_trips_through_an_artifact(tmp_path):
+    from txcompile.testing import assert_roundtrip
+
+    model, inputs = hf_zoo.build("llama")
+    opt = txc.optimize(model, ["fuse_qkv:gated_mlp=true"], example_inputs=inputs)
+    assert_roundtrip(opt, hf_zoo.make_inputs("llama", batch=3, seq=5), tmp_dir=tmp_path)

@@ -127,7 +127,10 @@ def fold_constants(gm: fx.GraphModule) -> int:
             continue
         if value.numel() > _MAX_FOLD_GROWTH * max(sum(known[n].numel() for n in inputs), 1):
             continue
-        value = value.clone() if any(value.data_ptr() == known[n].data_ptr() for n in inputs) else value
+        # A view (t, slice, expand) shares storage with a weight that may be pruned next: give it its own.
+        storage = value.untyped_storage().data_ptr()
+        if any(known[n].untyped_storage().data_ptr() == storage for n in inputs):
+            value = value.clone(memory_format=torch.contiguous_format)
         with gm.graph.inserting_before(node):
             attr = gm.graph.get_attr(add_tensor(gm, f"fold_{node.name}", value, parameter=False))
         attr.meta.update(node.meta)
