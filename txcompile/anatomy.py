@@ -389,6 +389,13 @@ def _is_scalar_add(node: fx.Node) -> bool:
     return is_op(node, aten.add) and sum(isinstance(a, fx.Node) for a in node.args[:2]) < 2
 
 
+def _is_embedding(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A token embedding lookup, or a patch embedding (a convolution with a weight parameter)."""
+    if is_op(node, aten.embedding):
+        return True
+    return is_op(node, aten.conv2d, aten.convolution) and get_tensor(gm, node.args[1]) is not None
+
+
 def anatomy(gm: fx.GraphModule) -> Anatomy:
     """Analyse a captured graph; blocks are listed in execution order."""
     linears = find_linears(gm)
@@ -409,10 +416,7 @@ def anatomy(gm: fx.GraphModule) -> Anatomy:
             notes.append(f"attention at {core.name} ({module_path(core)}): {block}")
         else:
             blocks.append(block)
-    embeddings = tuple(
-        n for n in gm.graph.nodes
-        if is_op(n, aten.embedding) or (is_op(n, aten.conv2d, aten.convolution) and get_tensor(gm, n.args[1]) is not None)
-    )  # fmt: skip
+    embeddings = tuple(n for n in gm.graph.nodes if _is_embedding(gm, n))
     embed_norm = final_norm = None
     head: tuple[Linear, ...] = ()
     if blocks:

@@ -225,7 +225,9 @@ def _hint(message: str) -> str:
     if "data-dependent" in m or "data dependent" in m or "guardondatadependent" in m:
         return "the model branches on tensor values (e.g. .item() or `if x.sum() > 0`); make that control flow static"
     if "pytree" in m or "not a known type" in m:
-        return "an input or output type is not a pytree; return tensors/dicts/tuples (for HF models set use_cache=False)"
+        return (
+            "an input or output type is not a pytree; return tensors/dicts/tuples (for HF models set use_cache=False)"
+        )
     if "constraint" in m or "specializ" in m or "dynamic" in m:
         return "a dynamic batch/sequence dim was specialized; call capture(..., dynamic=False) or pass dynamic_shapes="
     if "unsupported" in m or "not implemented" in m:

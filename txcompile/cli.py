@@ -79,7 +79,10 @@ def _speed_table(source: Any, opt: Any) -> tuple[str, dict[str, float]]:
         [f"txcompile ({opt.report.backend})", f"{new * 1000:.1f} ms", f"{base / new:.2f}x"],
     ]
     title = f"speed, measured in this run: input {shape}, {torch.get_num_threads()} threads, median of 10"
-    return render_table(title, ["program", "latency", "speed vs original"], rows), {"original_s": base, "txcompile_s": new}
+    return render_table(title, ["program", "latency", "speed vs original"], rows), {
+        "original_s": base,
+        "txcompile_s": new,
+    }
 
 
 def _optimize(source: Any, passes: str, *, backend: str, verify: bool, calib: Any, console: Any) -> Any:

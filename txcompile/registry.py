@@ -122,7 +122,9 @@ def _parse_value(raw: str, tp: Any) -> Any:
 def parse_spec(spec: str) -> Any:
     """Build the pass that `spec` names: "token_merge:r=8,schedule=constant" -> TokenMerge(r=8, schedule="constant")."""
     if not isinstance(spec, str) or not spec.strip():
-        raise SpecError(f"a pass spec must be a non-empty string like 'cleanup' or 'fuse_qkv:gated_mlp=true', got {spec!r}")
+        raise SpecError(
+            f"a pass spec must be a non-empty string like 'cleanup' or 'fuse_qkv:gated_mlp=true', got {spec!r}"
+        )
     name, _, rest = spec.strip().partition(":")
     name = name.strip()
     types = pass_types()

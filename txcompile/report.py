@@ -45,7 +45,9 @@ class Report:
             changes = _fmt_changes(r.ops_added, r.ops_removed)
             stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if v)
             detail = "; ".join(x for x in (stats, changes) if x) or "-"
-            rows.append([r.spec, r.contract, "yes" if r.modified else "no", _fmt_s(r.seconds), _fmt_error(r.error), detail])
+            rows.append(
+                [r.spec, r.contract, "yes" if r.modified else "no", _fmt_s(r.seconds), _fmt_error(r.error), detail]
+            )
             rows.extend(["", "", "", "", "", f"note: {n}"] for n in r.notes)
         title = f"txcompile: {self.model} -> backend {self.backend}"
         if "total" in self.seconds:

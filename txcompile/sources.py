@@ -72,8 +72,9 @@ def resolve_model(spec: str | None) -> ModelSource:
             return _from_artifact(path)
         if (path / "config.json").is_file():
             return _from_hf_dir(path)
-        raise SpecError(f"directory '{spec}' is neither a txcompile artifact (manifest.json) nor a Hugging Face model "
-                        "(config.json)")
+        raise SpecError(
+            f"directory '{spec}' is neither a txcompile artifact (manifest.json) nor a Hugging Face model (config.json)"
+        )
     if ":" in spec and not path.exists():
         return _from_factory(spec)
     raise SpecError(
@@ -171,11 +172,13 @@ def _read_text_lines(path: Path) -> list[str]:
             try:
                 item = json.loads(raw)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{number}: not valid JSON ({e.msg}); write one string or {{\"text\": ...}}") from None
+                raise InputError(
+                    f'{path}:{number}: not valid JSON ({e.msg}); write one string or {{"text": ...}}'
+                ) from None
             if isinstance(item, dict):
                 item = item.get("text")
             if not isinstance(item, str):
-                raise InputError(f"{path}:{number}: expected a JSON string or {{\"text\": \"...\"}}")
+                raise InputError(f'{path}:{number}: expected a JSON string or {{"text": "..."}}')
             lines.append(item)
         else:
             lines.append(raw)
@@ -184,7 +187,9 @@ def _read_text_lines(path: Path) -> list[str]:
     return lines
 
 
-def read_inputs(path: str | Path, *, tokenizer: Any = None, keys: Sequence[str] = (), what: str = "--input") -> list[Any]:
+def read_inputs(
+    path: str | Path, *, tokenizer: Any = None, keys: Sequence[str] = (), what: str = "--input"
+) -> list[Any]:
     """Read an input file into a list of model inputs (each a tensor, a tuple or a dict of tensors)."""
     path = Path(path)
     if not path.is_file():

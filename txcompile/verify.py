@@ -57,7 +57,9 @@ def _pairs(expected: Any, actual: Any, path: str = "output") -> list[tuple[str, 
     """Pair the tensors of two outputs by structure: dicts (and HF ModelOutputs) by key, sequences by position."""
     if isinstance(expected, torch.Tensor) or isinstance(actual, torch.Tensor):
         if not (isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor)):
-            raise InputError(f"outputs differ in structure at {path}: {type(expected).__name__} vs {type(actual).__name__}")
+            raise InputError(
+                f"outputs differ in structure at {path}: {type(expected).__name__} vs {type(actual).__name__}"
+            )
         return [(path, expected, actual)]
     if isinstance(expected, Mapping) and isinstance(actual, Mapping):
         if set(expected) != set(actual):

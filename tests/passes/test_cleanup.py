@@ -22,7 +22,7 @@ class Messy(nn.Module):
         self.drop = nn.Dropout(0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        unused = torch.relu(x) * 3  # dead
+        unused = torch.relu(x) * 3  # noqa: F841 - dead on purpose
         a = torch.sigmoid(x)
         b = torch.sigmoid(x)  # same as a
         y = (a + b) @ self.w.t()  # w.t() depends on parameters only
@@ -34,7 +34,9 @@ def test_removes_dead_code_duplicates_identities_and_folds_parameters():
     opt = txc.optimize(model, ["cleanup"], example_inputs=(x,))
     stats = opt.report.records[0].stats
     assert stats["folded"] == 2 and stats["cse"] >= 1 and stats["identities"] >= 1 and stats["dead"] >= 1
-    assert_ops(opt, expect={"aten.sigmoid": 1, "aten.matmul": 1}, forbid=["aten.relu", "aten.exp", "aten.t", "aten.dropout"])
+    assert_ops(
+        opt, expect={"aten.sigmoid": 1, "aten.matmul": 1}, forbid=["aten.relu", "aten.exp", "aten.t", "aten.dropout"]
+    )
     # The folded tensors replace the parameters they came from: no extra memory is kept.
     assert sum(p.numel() for p in opt.graph_module.parameters()) + sum(
         b.numel() for b in opt.graph_module.buffers()
