@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import fx
 
-from .ir import PASSTHROUGH_OPS, get_tensor, is_op, module_path, unwrap
+from .ir import PASSTHROUGH_OPS, common_module_path, get_tensor, is_op, module_path, unwrap
 from .linears import Linear, find_linears
 from .norms import Norm, find_norms
 
@@ -570,15 +570,5 @@ def _block(
         mlp_norm=mlp_norm,
         stream_out=stream_out,
         parallel=parallel,
-        path=_common_path(core, out.node),
+        path=common_module_path((core, out.node)),
     )
-
-
-def _common_path(*nodes: fx.Node) -> str:
-    paths = [module_path(n).split(".") for n in nodes]
-    common: list[str] = []
-    for parts in zip(*paths):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
-    return ".".join(common)

@@ -20,7 +20,7 @@ from torch import fx
 
 from . import cost
 from .anatomy import Anatomy, Block, anatomy
-from .ir import get_tensor, module_path, op_name, tensor_meta
+from .ir import common_module_path, get_tensor, module_path, op_name, tensor_meta
 from .norms import Norm
 from .pipeline import PassRecord, count_ops
 from .report import render_table
@@ -112,14 +112,8 @@ def build(gm: fx.GraphModule, *, label: str, records: Sequence[PassRecord] | Non
 
 def _layer_path(block: Block) -> str:
     """The module holding the whole block ("encoder.layer.0"): the common prefix of its linears' module paths."""
-    # Linears a pass created may carry no module path; they say nothing about where the block lives.
-    paths = [path.split(".") for path in (module_path(lin.node) for lin in block.linears) if path]
-    common: list[str] = []
-    for parts in zip(*paths):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
-    return ".".join(common)
+    # Linears a pass created carry no module path; common_module_path ignores them.
+    return common_module_path(lin.node for lin in block.linears)
 
 
 def _parts(gm: fx.GraphModule, anat: Anatomy) -> list[tuple[str, str]]:

@@ -28,6 +28,7 @@ __all__ = [
     "get_tensor",
     "add_tensor",
     "module_path",
+    "common_module_path",
     "tensor_meta",
     "refresh_metadata",
     "copy_graph_module",
@@ -106,6 +107,17 @@ def module_path(node: fx.Node) -> str:
     # export records paths like "L['self'].encoder.layer[0]" in some versions; normalise to "encoder.layer.0".
     path = str(path).replace("L['self'].", "").replace("L['self']", "")
     return path.replace("[", ".").replace("]", "").replace("'", "")
+
+
+def common_module_path(nodes: Iterable[fx.Node]) -> str:
+    """The deepest module path shared by `nodes` ("encoder.layer.0"); nodes without a path are ignored."""
+    paths = [path.split(".") for path in (module_path(n) for n in nodes) if path]
+    common: list[str] = []
+    for parts in zip(*paths):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
 
 
 def tensor_meta(node: Any) -> torch.Tensor | None:
