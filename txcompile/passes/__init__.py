@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .cleanup import Cleanup
 from .fuse_qkv import FuseQKV
+from .rmsnorm import RMSNorm
 
-ALL_PASSES = (Cleanup, FuseQKV)
+ALL_PASSES = (Cleanup, FuseQKV, RMSNorm)
 
-__all__ = ["ALL_PASSES", "Cleanup", "FuseQKV"]
+__all__ = ["ALL_PASSES", "Cleanup", "FuseQKV", "RMSNorm"]
