@@ -75,6 +75,8 @@ class _Verifier:
                 node=node,
                 max_abs=step.max_abs,
             )
+        if contract == "retrain":
+            result["cosine"] = _cosine(self.reference, out)
         if contract == "approximate":
             result["cosine"] = _cosine(self.reference, out)
             check = getattr(p, "check_quality", None)

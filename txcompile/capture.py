@@ -28,7 +28,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from .errors import CaptureError, InputError
-from .ir import refresh_metadata
+from .ir import copy_graph_module, refresh_metadata
 
 __all__ = ["capture", "normalize_inputs", "CaptureInfo", "CallSpec", "capture_info", "eval_mode"]
 
@@ -275,7 +275,11 @@ def capture(
                 + (f"\n  at {where}" if where else "")
                 + f"\n  hint: {_hint(str(e))}"
             ) from e
-    gm = ep.module()
+    # A plain GraphModule instead of export's unlifted module, whose train()/eval() raise: reparameterized programs
+    # (sigma_reparam, qk_norm) are trained. It was traced in eval mode, so it comes out in eval mode, and train()
+    # only switches txcompile's own stateful ops (dropout is not brought back).
+    gm = copy_graph_module(ep.module())
+    gm.eval()
     _own_weights(gm)
     _drop_dtype_asserts(gm)
     refresh_metadata(gm)  # export filled every call's value; this adds the parameters' (cheap, no propagation)

@@ -232,10 +232,14 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
         # torch's own pytree specs warn about a deprecated isinstance check while being deep-copied.
         warnings.simplefilter("ignore", FutureWarning)
         graph = copy.deepcopy(gm.graph)
-    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    for attr in ("_in_spec", "_out_spec", "meta"):
-        if hasattr(gm, attr):
-            setattr(new, attr, copy.copy(getattr(gm, attr)))
+        new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+        for attr in ("_in_spec", "_out_spec", "meta"):
+            if hasattr(gm, attr):
+                setattr(new, attr, copy.copy(getattr(gm, attr)))
+    if isinstance(gm, fx.GraphModule) and type(gm).train is fx.GraphModule.train:
+        new.train(gm.training)  # a fresh module starts in training mode; keep the snapshot's mode
+    else:
+        new.eval()  # export's unlifted modules refuse train()/eval() but were traced (and run) in eval mode
     return new
 
 

@@ -21,7 +21,11 @@ from .ir import copy_graph_module, op_name, refresh_metadata
 
 __all__ = ["Contract", "Pass", "PassResult", "PassContext", "PassRecord", "Pipeline", "count_ops"]
 
-Contract = Literal["exact", "approximate", "reparameterize"]
+# exact: same function. approximate: changes it within a measured budget, exact at its identity setting.
+# reparameterize: same function at insertion, new trainable parameterization (sigma_reparam).
+# retrain: changes the function on purpose, for a model that is trained after the rewrite (qk_norm); verification
+# records the drift (cosine vs the original) but holds it to no budget.
+Contract = Literal["exact", "approximate", "reparameterize", "retrain"]
 
 
 @dataclass(frozen=True)
