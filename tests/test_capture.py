@@ -114,3 +114,11 @@ def test_minilm_capture_runs_at_other_batch_and_length(minilm):
     held_out = minilm_loader.HELD_OUT_SENTENCES
     for n, max_length in ((5, 64), (1, 9), (7, 128)):
         assert_equivalent(model, gm, minilm_loader.example_inputs(tokenizer, held_out[:n], max_length=max_length))
+
+
+def test_a_sliced_example_input_does_not_pin_shapes():
+    model = reference.build("gpt")
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    gm = txc.capture(model, (ids[:2, :16],))
+    other = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(gm(other), model(other))

@@ -369,7 +369,7 @@ def test_list_passes_covers_the_registry_sorted() -> None:
     assert [i.name for i in infos] == REAL_NAMES
     for info in infos:
         assert info.cls in ALL_PASSES and info.cls.name == info.name
-        assert info.contract in ("exact", "approximate", "reparameterize")
+        assert info.contract in ("exact", "approximate", "reparameterize", "retrain")
         assert info.summary.strip()
 
 

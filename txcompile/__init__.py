@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from . import ops  # noqa: F401 - registers the txc:: custom ops, which loading saved programs needs
+from . import analysis
 from .anatomy import Anatomy, anatomy
 from .api import OptimizedModule, optimize
 from .artifact import LoadedProgram, load
@@ -36,6 +38,7 @@ __all__ = [
     "LoadedProgram",
     "anatomy",
     "Anatomy",
+    "analysis",
     "list_passes",
     "parse_spec",
     "Pass",

@@ -39,6 +39,8 @@ _LAYOUT = (
     aten.flatten,
 )  # fmt: skip
 _ROPE = (aten.mul, aten.div, aten.add, aten.sub, aten.neg, aten.cat, aten.stack, aten.flatten)
+# Per-head q/k norms (qk_norm, Qwen3/OLMo's own) sit between the projections and the core.
+_QK_NORMS = (aten.layer_norm, aten.rms_norm)
 _GETITEM = "getitem"
 # What sits between q @ k^T and softmax: scaling, biases (ALiBi, relative position), masks; in place or not.
 _SCORE_ELEMENTWISE = (
@@ -198,7 +200,7 @@ def _producer_linears(start: fx.Node, by_output: dict[fx.Node, Linear], limit: i
                 found.append(by_output[node])
             continue
         if node.op != "call_function" or not (
-            is_op(node, *_LAYOUT, *_ROPE) or getattr(node.target, "__name__", "") == _GETITEM
+            is_op(node, *_LAYOUT, *_ROPE, *_QK_NORMS) or getattr(node.target, "__name__", "") == _GETITEM
         ):
             continue
         frontier.extend(a for a in node.all_input_nodes if a.op == "call_function")

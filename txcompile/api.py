@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from .backends import get_backend
-from .capture import capture, capture_info, eval_mode, normalize_inputs
+from .capture import CallSpec, capture, capture_info, eval_mode, normalize_inputs
 from .errors import InputError, VerificationError
 from .pipeline import Pass, PassContext, Pipeline, effective_contract, spec_of
 from .registry import resolve_passes
@@ -35,6 +35,7 @@ class OptimizedModule(nn.Module):
         self.backend = backend
         # A backend that returns the graph module itself needs no separate attribute (and no double registration).
         self._program = None if program is graph_module else program
+        self.train(graph_module.training)  # captured programs come out in eval mode; keep one mode throughout
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         info = capture_info(self.graph_module)
@@ -42,6 +43,12 @@ class OptimizedModule(nn.Module):
             args, kwargs = info.call.adapt(args, kwargs)
         program = self.graph_module if self._program is None else self._program
         return program(*args, **kwargs)
+
+    @property
+    def call_spec(self) -> CallSpec | None:
+        """How the program binds positional and keyword inputs (the original forward's names)."""
+        info = capture_info(self.graph_module)
+        return None if info is None else info.call
 
     def __repr__(self) -> str:
         passes = ", ".join(r.spec for r in self.report.records) or "no passes"

@@ -45,6 +45,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 
+from .ir import copy_graph_module
 from .capture import CallSpec, CaptureInfo, InputSpec, _widen, capture_info, eval_mode, normalize_inputs
 from .errors import ArtifactError
 from .verify import run_program
@@ -184,6 +185,9 @@ def _reexport(gm: fx.GraphModule, info: CaptureInfo, inputs: Inputs) -> Exported
     args, kwargs = inputs
     args = tuple(_widen_named(a, specs.get(n)) for n, a in zip(info.call.positional, args))
     kwargs = {k: _widen_named(v, specs.get(k)) for k, v in kwargs.items()}
+    # Artifacts hold the inference program: stateful ops (σReparam's power iteration) are saved in their eval form.
+    training = gm.training
+    gm.eval()
     try:
         return torch.export.export(gm, args, kwargs or None, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # noqa: BLE001 - a rewritten program that no longer exports is the user's to know about
@@ -192,6 +196,8 @@ def _reexport(gm: fx.GraphModule, info: CaptureInfo, inputs: Inputs) -> Exported
             f"the rewritten {info.model} program could not be exported again for saving ({type(e).__name__}: "
             f"{first[:300]}); every op a pass adds must be a torch.library custom op with a fake implementation"
         ) from e
+    finally:
+        gm.train(training)
 
 
 def _dim_spec(spec: InputSpec | None) -> dict[int, Any] | None:
@@ -441,6 +447,11 @@ class LoadedProgram(nn.Module):
         return self.graph_module(*args, **kwargs)
 
     @property
+    def call_spec(self) -> CallSpec | None:
+        """How the program binds positional and keyword inputs (the original forward's names)."""
+        return self._call
+
+    @property
     def tokenizer(self) -> Any:
         if not self._tokenizer_loaded:
             self._tokenizer = _load_tokenizer(self.path / TOKENIZER)
@@ -537,7 +548,8 @@ def _import_pytree_types(root: Path, manifest: Mapping[str, Any]) -> None:
 def _load_program(root: Path) -> nn.Module:
     path = root / PROGRAM
     try:
-        return torch.export.load(path).module()
+        # A plain eval-mode GraphModule, as capture gives: export's own refuses train()/eval().
+        return copy_graph_module(torch.export.load(path).module())
     except Exception as e:  # noqa: BLE001 - reported as an artifact problem with what to do
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ArtifactError(

@@ -175,8 +175,13 @@ def _widen(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
-def _call_spec(model: nn.Module, inputs: Inputs) -> CallSpec:
+def _call_spec(model: nn.Module, inputs: Inputs) -> tuple[CallSpec, Inputs]:
+    """How `model` is called with `inputs`, and the inputs in the form to export them with."""
     args, kwargs = inputs
+    wrapped = getattr(model, "call_spec", None)
+    if isinstance(wrapped, CallSpec):
+        # A captured program (OptimizedModule, LoadedProgram): its graph is exported in the form it was captured in.
+        return wrapped, wrapped.adapt(args, kwargs)
     signature = inspect.signature(model.forward)
     try:
         bound = signature.bind(*args, **kwargs).arguments
@@ -187,7 +192,7 @@ def _call_spec(model: nn.Module, inputs: Inputs) -> CallSpec:
     positional = tuple(list(bound)[: len(args)])
     if len(positional) != len(args):  # forward(*args): no names to bind by
         raise InputError(f"{type(model).__name__}.forward takes *args; give example inputs as keyword tensors")
-    return CallSpec(parameters, positional, tuple(kwargs))
+    return CallSpec(parameters, positional, tuple(kwargs)), inputs
 
 
 def _plan(call: CallSpec, inputs: Inputs, dynamic: bool) -> tuple[Inputs, Any, tuple[InputSpec, ...]]:
@@ -200,6 +205,8 @@ def _plan(call: CallSpec, inputs: Inputs, dynamic: bool) -> tuple[Inputs, Any, t
         if not isinstance(t, torch.Tensor):
             shapes[name] = None
             return t
+        if t._is_view():
+            t = t.clone()  # export guards a view's base sizes: later calls with other shapes would then fail
         dims = _dynamic_dims(t) if dynamic else ()
         specs.append(InputSpec(name, tuple(t.shape), str(t.dtype).replace("torch.", ""), dims))
         shapes[name] = {d: Dim.AUTO for d in dims} or None
@@ -259,14 +266,17 @@ def capture(
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
     name = type(model).__name__
-    call = _call_spec(model, inputs)
+    call, inputs = _call_spec(model, inputs)
+    # Wrappers of a captured program take *args, **kwargs, which export cannot give dynamic shapes by name: export
+    # the program itself (the wrapper only binds inputs).
+    program = model.graph_module if isinstance(getattr(model, "call_spec", None), CallSpec) else model
     (args, kwargs), auto_shapes, specs = _plan(call, inputs, dynamic)
     shapes = dynamic_shapes if dynamic_shapes is not None else auto_shapes
     warnings: list[str] = []
     start = time.perf_counter()
-    with eval_mode(model):
+    with eval_mode(program):
         try:
-            ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=shapes, strict=strict)
+            ep = torch.export.export(program, args, kwargs or None, dynamic_shapes=shapes, strict=strict)
         except Exception as e:  # noqa: BLE001 - translated into CaptureError below
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             where = _user_frame(e)
@@ -310,13 +320,20 @@ def _own_weights(gm: fx.GraphModule) -> None:
     `ExportedProgram.module()` shares the model's Parameter objects; without copies, training or editing the captured
     program would silently change the user's model.
     """
+    copies: dict[int, torch.Tensor] = {}  # tied weights (GPT's embedding and LM head) stay one tensor
+
+    def own(t: torch.Tensor, make: Any) -> torch.Tensor:
+        if id(t) not in copies:
+            copies[id(t)] = make(t.detach().clone())
+        return copies[id(t)]
+
     for mod in gm.modules():
         for pname, p in list(mod._parameters.items()):
             if p is not None:
-                mod._parameters[pname] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                mod._parameters[pname] = own(p, lambda c, p=p: nn.Parameter(c, requires_grad=p.requires_grad))
         for bname, b in list(mod._buffers.items()):
             if b is not None:
-                mod._buffers[bname] = b.detach().clone()
+                mod._buffers[bname] = own(b, lambda c: c)
     # Tensor constants (lifted literals) are plain attributes on the module.
     for attr, value in list(vars(gm).items()):
         if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):

@@ -76,10 +76,13 @@ def get_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return obj if isinstance(obj, torch.Tensor) else None
 
 
-def add_tensor(gm: fx.GraphModule, hint: str, value: torch.Tensor, *, parameter: bool | None = None) -> str:
+def add_tensor(
+    gm: fx.GraphModule, hint: str, value: torch.Tensor, *, parameter: bool | None = None, trainable: bool = False
+) -> str:
     """Register `value` on `gm` under a fresh top-level name derived from `hint`; return the get_attr target.
 
     New tensors live at the top level ("_txc_<hint>") so they never collide with the model's own module tree.
+    Parameters are frozen unless `trainable` (a pass that adds weights meant to be trained, like qk_norm).
     """
     base = "_txc_" + "".join(c if c.isalnum() else "_" for c in hint).strip("_")
     name, i = base, 0
@@ -90,7 +93,7 @@ def add_tensor(gm: fx.GraphModule, hint: str, value: torch.Tensor, *, parameter:
     if parameter is None:
         parameter = value.is_floating_point()
     if parameter:
-        gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+        gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=trainable))
     else:
         gm.register_buffer(name, value)
     return name
@@ -204,13 +207,16 @@ def _propagate(gm: fx.GraphModule, mode: Any, full: bool) -> None:
             if node.op == "output":
                 node.meta["val"] = fx.node.map_arg(node.args[0], lambda n: n.meta.get("val"))
                 continue
-            if node.op != "call_function":
-                continue
+            if node.op not in ("call_function", "call_module") or (node.op == "call_module" and not node.users):
+                continue  # a module nobody reads (export's input guards) has no value to keep
             if not (full or old is None or any(i in changed for i in node.all_input_nodes)):
                 continue
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
             try:
-                new = node.target(*args, **kwargs)
+                if node.op == "call_module":
+                    new = _fake_module_call(gm.get_submodule(str(node.target)), mode, args, kwargs)
+                else:
+                    new = node.target(*args, **kwargs)
             except Exception:  # noqa: BLE001 - keep the recorded value; see refresh_metadata
                 if old is None:
                     raise
@@ -218,6 +224,12 @@ def _propagate(gm: fx.GraphModule, mode: Any, full: bool) -> None:
             node.meta["val"] = new
             if old is None or not _same_meta(old, new):
                 changed.add(node)
+
+
+def _fake_module_call(mod: torch.nn.Module, mode: Any, args: Any, kwargs: Any) -> Any:
+    """Run a submodule (a stateful op a pass inserted) on fake inputs, with fake copies of its state."""
+    state = {name: mode.from_tensor(t, static_shapes=True) for name, t in mod.state_dict(keep_vars=True).items()}
+    return torch.func.functional_call(mod, state, args, kwargs)
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

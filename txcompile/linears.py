@@ -21,7 +21,7 @@ from .ir import get_tensor, is_op, tensor_meta
 
 aten = torch.ops.aten
 
-__all__ = ["Linear", "find_linears"]
+__all__ = ["Linear", "find_linears", "reparam_source"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class Linear:
     out_features: int
     layout: Literal["out_in", "in_out"]  # how `weight` is stored
     kind: Literal["linear", "addmm", "matmul"]
+    # Set when the linear reads a reparameterized `weight` (σReparam: the node computing (γ/σ)·W). Passes that write
+    # new weights must leave such linears alone: `weight` is the raw matrix, not what the linear multiplies by.
+    reparam: fx.Node | None = None
 
     def weight_out_in(self, gm: fx.GraphModule) -> torch.Tensor:
         w = _resolve(gm, self.weight)
@@ -67,6 +70,26 @@ def _param_2d(gm: fx.GraphModule, node: object) -> fx.Node | None:
     return None
 
 
+def reparam_source(gm: fx.GraphModule, node: object) -> fx.Node | None:
+    """The raw weight's get_attr when `node` reparameterizes it (a σReparam module or op), else None."""
+    if not isinstance(node, fx.Node) or not node.args:
+        return None
+    if node.op == "call_module":
+        if not getattr(gm.get_submodule(str(node.target)), "weight_reparameterization", False):
+            return None
+    elif not is_op(node, torch.ops.txc.sigma_reparam):
+        return None
+    return _param_2d(gm, node.args[0])
+
+
+def _weight_2d(gm: fx.GraphModule, node: object) -> tuple[fx.Node | None, fx.Node | None]:
+    """(the weight's get_attr, the reparameterizing node or None) for a linear's weight argument."""
+    raw = reparam_source(gm, node)
+    if raw is not None:
+        return raw, node  # type: ignore[return-value]
+    return _param_2d(gm, node), None
+
+
 def _param_1d(gm: fx.GraphModule, node: object) -> str | None:
     if isinstance(node, fx.Node) and node.op == "get_attr":
         t = get_tensor(gm, node)
@@ -89,35 +112,35 @@ def _as_linear(gm: fx.GraphModule, node: fx.Node) -> Linear | None:
     if is_op(node, aten.linear):
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        wn = _param_2d(gm, w)
+        wn, rp = _weight_2d(gm, w)
         if wn is None or not isinstance(x, fx.Node):
             return None
         out_f, in_f = get_tensor(gm, wn).shape  # type: ignore[union-attr]
         bias = _param_1d(gm, b) if b is not None else None
         if b is not None and bias is None:
             return None  # a computed bias is not a plain linear layer
-        return Linear(node, x, node, str(wn.target), bias, in_f, out_f, "out_in", "linear")
+        return Linear(node, x, node, str(wn.target), bias, in_f, out_f, "out_in", "linear", rp)
     if is_op(node, aten.addmm):
         b, x2d, w = node.args[:3]
-        wn, bias = _param_2d(gm, w), _param_1d(gm, b)
+        (wn, rp), bias = _weight_2d(gm, w), _param_1d(gm, b)
         if wn is None or bias is None or not isinstance(x2d, fx.Node):
             return None
         in_f, out_f = get_tensor(gm, wn).shape  # type: ignore[union-attr]
         x = x2d.args[0] if is_op(x2d, aten.view, aten.reshape, aten._unsafe_view) else x2d
         users = list(node.users)
         out = users[0] if len(users) == 1 and is_op(users[0], aten.view, aten.reshape, aten._unsafe_view) else node
-        return Linear(node, x, out, str(wn.target), bias, in_f, out_f, "in_out", "addmm")  # type: ignore[arg-type]
+        return Linear(node, x, out, str(wn.target), bias, in_f, out_f, "in_out", "addmm", rp)  # type: ignore[arg-type]
     if is_op(node, aten.matmul, aten.mm):
         x, w = node.args[:2]
         layout: Literal["out_in", "in_out"] = "in_out"
         if is_op(w, aten.t) or (is_op(w, aten.transpose) and _is_last_two(w)) or _is_2d_permute(w):
             w, layout = w.args[0], "out_in"  # type: ignore[union-attr]
-        wn = _param_2d(gm, w)
+        wn, rp = _weight_2d(gm, w)
         if wn is None or not isinstance(x, fx.Node):
             return None
         shape = get_tensor(gm, wn).shape  # type: ignore[union-attr]
         in_f, out_f = (shape[1], shape[0]) if layout == "out_in" else (shape[0], shape[1])
-        return Linear(node, x, node, str(wn.target), None, in_f, out_f, layout, "matmul")
+        return Linear(node, x, node, str(wn.target), None, in_f, out_f, layout, "matmul", rp)
     return None
 
 

@@ -81,8 +81,17 @@ def effective_contract(p: Pass) -> Contract:
 
 
 def count_ops(gm: fx.GraphModule) -> Counter[str]:
-    """How many times each op occurs in `gm`, keyed by `op_name` ("aten.linear": 12). Scaffolding is left out."""
-    return Counter(op_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+    """How many times each op occurs in `gm`, keyed by `op_name` ("aten.linear": 12). Scaffolding is left out.
+
+    Stateful ops a pass inserted as submodules count by class ("module:SigmaReparamWeight": 12).
+    """
+
+    def key(n: fx.Node) -> str:
+        if n.op == "call_module":
+            return f"module:{type(gm.get_submodule(str(n.target))).__name__}"
+        return op_name(n)
+
+    return Counter(key(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
 
 
 @dataclass

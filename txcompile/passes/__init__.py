@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from .cleanup import Cleanup
+from .fold_sigma_reparam import FoldSigmaReparam
 from .fuse_qkv import FuseQKV
+from .qk_norm import QKNorm
 from .rmsnorm import RMSNorm
+from .sigma_reparam import SigmaReparam
 
-ALL_PASSES = (Cleanup, FuseQKV, RMSNorm)
+ALL_PASSES = (Cleanup, FuseQKV, RMSNorm, SigmaReparam, FoldSigmaReparam, QKNorm)
 
-__all__ = ["ALL_PASSES", "Cleanup", "FuseQKV", "RMSNorm"]
+__all__ = ["ALL_PASSES", "Cleanup", "FuseQKV", "RMSNorm", "SigmaReparam", "FoldSigmaReparam", "QKNorm"]

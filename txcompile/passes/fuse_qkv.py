@@ -37,6 +37,8 @@ def _fusable(group: Sequence[Linear | None]) -> str | None:
     lins = [lin for lin in group if lin is not None]
     if any(lin.kind != "linear" for lin in lins):
         return "not plain aten.linear layers"
+    if any(lin.reparam is not None for lin in lins):
+        return "σReparam'd weights (run fold_sigma_reparam first)"
     if len({lin.input for lin in lins}) != 1:
         return "projections read different inputs (cross-attention)"
     if len({lin.in_features for lin in lins}) != 1 or len({lin.dtype for lin in lins}) != 1:

@@ -110,6 +110,8 @@ def _check(gm: fx.GraphModule, anat: Anatomy) -> tuple[list[fx.Node], list[Linea
         for lin in (b.attention.out, b.mlp.fc2):
             if lin.out_features != dim:
                 raise _Decline(f"{lin.node.name} writes {lin.out_features} features into a {dim}-wide stream")
+            if lin.reparam is not None:
+                raise _Decline(f"{lin.node.name} has a σReparam'd weight: run fold_sigma_reparam first")
             writers[_tail(lin.output, dim)] = lin
     embeddings = _embedding_writers(gm, blocks[0].stream_in, dim)
     if not embeddings:

@@ -1,0 +1,12 @@
+"""Runtime ops that rewrites introduce: `torch.library` custom ops in the `txc` namespace.
+
+Each op has a fake (meta) implementation, so a rewritten program stays an ordinary PyTorch program: it re-exports,
+saves as `.pt2`, loads in a new process after `import txcompile`, and compiles with `torch.compile`.
+Importing this package registers the ops; `import txcompile` does it.
+"""
+
+from __future__ import annotations
+
+from .sigma_reparam import SigmaReparamWeight, power_iteration_, sigma_reparam
+
+__all__ = ["SigmaReparamWeight", "sigma_reparam", "power_iteration_"]
