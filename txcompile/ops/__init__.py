@@ -8,5 +8,6 @@ Importing this package registers the ops; `import txcompile` does it.
 from __future__ import annotations
 
 from .sigma_reparam import SigmaReparamWeight, power_iteration_, sigma_reparam
+from . import token_merge  # noqa: F401 - registers txc::bipartite_match, merge_tokens, unmerge_tokens
 
 __all__ = ["SigmaReparamWeight", "sigma_reparam", "power_iteration_"]

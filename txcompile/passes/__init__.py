@@ -8,7 +8,8 @@ from .fuse_qkv import FuseQKV
 from .qk_norm import QKNorm
 from .rmsnorm import RMSNorm
 from .sigma_reparam import SigmaReparam
+from .token_merge import TokenMerge
 
-ALL_PASSES = (Cleanup, FuseQKV, RMSNorm, SigmaReparam, FoldSigmaReparam, QKNorm)
+ALL_PASSES = (Cleanup, FuseQKV, RMSNorm, SigmaReparam, FoldSigmaReparam, QKNorm, TokenMerge)
 
-__all__ = ["ALL_PASSES", "Cleanup", "FuseQKV", "RMSNorm", "SigmaReparam", "FoldSigmaReparam", "QKNorm"]
+__all__ = ["ALL_PASSES", "Cleanup", "FuseQKV", "RMSNorm", "SigmaReparam", "FoldSigmaReparam", "QKNorm", "TokenMerge"]

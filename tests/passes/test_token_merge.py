@@ -1,0 +1,82 @@
+"""token_merge: identity at r=0, shapes re-derived downstream, padding-aware batches, unmerge, artifacts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import txcompile as txc
+from txcompile.models import hf_zoo, reference
+from txcompile.passes.token_merge import parse_blocks, schedule
+from txcompile.testing import assert_roundtrip, count_ops
+
+
+def test_r_zero_is_exact_and_changes_nothing():
+    model = reference.build("vit")
+    opt = txc.optimize(model, ["token_merge:r=0"], example_inputs=model.example_inputs())
+    record = opt.report.records[0]
+    assert record.contract == "exact" and not record.modified
+
+
+def test_reference_vit_merges_every_block_and_runs_at_other_batch_sizes():
+    model = reference.build("vit", depth=3)
+    opt = txc.optimize(model, ["token_merge:r=2,min_cosine=0.5"], example_inputs=model.example_inputs())
+    record = opt.report.records[0]
+    assert record.modified and record.stats["merged_blocks"] == 3 and record.stats["protected"] == 1
+    ops = count_ops(opt.graph_module)
+    assert ops["txc.bipartite_match"] == 3 and ops["txc.merge_tokens"] == 3
+    for batch in (1, 5):
+        out = opt(*model.example_inputs(batch=batch))
+        assert out.shape == model(*model.example_inputs(batch=batch)).shape
+
+
+@pytest.mark.parametrize(("name", "protected"), [("vit", 1), ("deit", 2)])
+def test_hugging_face_vision_models_protect_their_class_tokens(name, protected):
+    model, inputs = hf_zoo.build(name)
+    opt = txc.optimize(model, ["token_merge:r=1,min_cosine=0.5"], example_inputs=inputs)
+    record = opt.report.records[0]
+    assert record.modified and record.stats["protected"] == protected
+
+
+def test_padded_batch_gives_each_text_its_own_result():
+    model, _ = hf_zoo.build("bert")
+    torch.manual_seed(0)
+    ids = torch.randint(5, 90, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    mask[2, 6:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    opt = txc.optimize(model, ["token_merge:r=1,min_cosine=0"], example_inputs=inputs)
+    assert opt.report.records[0].stats["padding_aware"]
+    batched = opt(input_ids=ids, attention_mask=mask)[0]
+    for row in range(3):
+        n = int(mask[row].sum())
+        alone = opt(input_ids=ids[row : row + 1, :n], attention_mask=mask[row : row + 1, :n])[0]
+        torch.testing.assert_close(batched[row, :n], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_unmerge_keeps_per_token_outputs_and_the_artifact_round_trips(tmp_path):
+    model, inputs = hf_zoo.build("bert")
+    opt = txc.optimize(model, ["token_merge:r=2,min_cosine=0"], example_inputs=inputs)
+    out = opt(**inputs)[0]
+    assert out.shape == model(**inputs)[0].shape
+    assert_roundtrip(opt, inputs, tmp_dir=tmp_path)
+
+
+def test_options():
+    assert schedule(4, "constant", 3) == [4, 4, 4]
+    assert schedule(4, "decreasing", 5) == [8, 6, 4, 2, 0]
+    assert parse_blocks("all", 4) == [0, 1, 2, 3] and parse_blocks("2:", 4) == [2, 3]
+    assert parse_blocks("0,3", 4) == [0, 3]
+    with pytest.raises(txc.SpecError, match="r must be"):
+        txc.parse_spec("token_merge:r=-1")
+    model = reference.build("vit", depth=2)
+    opt = txc.optimize(model, ["token_merge:r=0,flops=0.2,min_cosine=0"], example_inputs=model.example_inputs())
+    assert opt.report.records[0].stats["r"] >= 1
+
+
+def test_declines_on_causal_models():
+    model = reference.build("gpt")
+    opt = txc.optimize(model, ["token_merge:r=2"], example_inputs=model.example_inputs())
+    record = opt.report.records[0]
+    assert not record.modified and "causal" in record.notes[0]
