@@ -128,3 +128,9 @@ def test_roundtrip_gpt2(tmp_path):
     model, inputs = hf_zoo.build("gpt2")
     opt = txc.optimize(model, ["cleanup", "rmsnorm"], example_inputs=inputs)
     assert_roundtrip(opt, hf_zoo.make_inputs("gpt2", batch=3, seq=11), tmp_dir=tmp_path)
+
+
+def test_looks_through_no_op_casts_without_cleanup():
+    model, inputs = hf_zoo.build("gpt2")
+    opt = txc.optimize(model, ["rmsnorm"], example_inputs=inputs)
+    _check_rewritten(opt, hf_zoo.ZOO["gpt2"].blocks)

@@ -51,6 +51,9 @@ def _last_dim(node: fx.Node) -> int | None:
 
 def _carries(node: fx.Node, dim: int) -> bool:
     """`node` passes its first argument through row by row over the hidden dim."""
+    if is_op(node, aten.to, aten._to_copy):  # a cast to the dtype it already has (GPT-2 casts its embeddings)
+        val, src = tensor_meta(node), tensor_meta(node.args[0])
+        return val is not None and src is not None and val.dtype == src.dtype and _last_dim(node) == dim
     return is_op(node, *_CARRY) and _last_dim(node) == dim and _last_dim(node.args[0]) == dim
 
 
