@@ -28,9 +28,7 @@ Dropout inside the core is ignored: the statistics describe the distribution att
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +36,11 @@ import torch
 from torch import fx, nn
 
 from .anatomy import Attention, anatomy
-from .capture import CallSpec, capture, capture_info, normalize_inputs
+from .capture import CallSpec, capture, capture_info, eval_mode, normalize_inputs
 from .errors import InputError
 from .ir import is_op
 from .linears import Linear
+from .verify import flatten_inputs
 
 aten = torch.ops.aten
 
@@ -145,8 +144,8 @@ def attention_entropy(model: Any, inputs: Any) -> AttentionStats:
     keep = named.get("attention_mask")
     keep = keep != 0 if isinstance(keep, torch.Tensor) and keep.dim() == 2 else None
     probe = _Probe(gm, [b.attention for b in anat.blocks], keep)
-    with torch.no_grad(), _eval_mode(gm):
-        probe.run(*_flatten(gm, args, kwargs))
+    with torch.no_grad(), eval_mode(gm):
+        probe.run(*flatten_inputs(gm, (args, kwargs)))
     heads = max((r["entropy"].numel() for r in probe.results if r), default=0)
 
     def stack(key: str) -> torch.Tensor:
@@ -176,29 +175,6 @@ def _program(model: Any, inputs: Any) -> tuple[fx.GraphModule, CallSpec | None, 
     gm = capture(model, inputs)
     info = capture_info(gm)
     return gm, info.call if info is not None else None, type(model).__name__
-
-
-def _flatten(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-    """The placeholder values: exported modules flatten (args, kwargs) with their input spec (as verify does)."""
-    spec = getattr(gm, "_in_spec", None)
-    if spec is not None:
-        import torch.fx._pytree as fx_pytree
-
-        return list(fx_pytree.tree_flatten_spec((args, kwargs), spec))
-    return torch.utils._pytree.tree_leaves((args, kwargs))
-
-
-@contextlib.contextmanager
-def _eval_mode(gm: nn.Module) -> Iterator[None]:
-    """Every submodule's `training` flag off, then restored (export's unlifted modules refuse `.eval()`)."""
-    modes = {m: m.training for m in gm.modules()}
-    try:
-        for m in modes:
-            m.training = False
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 class _Probe(fx.Interpreter):

@@ -186,18 +186,15 @@ def _reexport(gm: fx.GraphModule, info: CaptureInfo, inputs: Inputs) -> Exported
     args = tuple(_widen_named(a, specs.get(n)) for n, a in zip(info.call.positional, args))
     kwargs = {k: _widen_named(v, specs.get(k)) for k, v in kwargs.items()}
     # Artifacts hold the inference program: stateful ops (σReparam's power iteration) are saved in their eval form.
-    training = gm.training
-    gm.eval()
     try:
-        return torch.export.export(gm, args, kwargs or None, dynamic_shapes=shapes, strict=False)
+        with eval_mode(gm):
+            return torch.export.export(gm, args, kwargs or None, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # noqa: BLE001 - a rewritten program that no longer exports is the user's to know about
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ArtifactError(
             f"the rewritten {info.model} program could not be exported again for saving ({type(e).__name__}: "
             f"{first[:300]}); every op a pass adds must be a torch.library custom op with a fake implementation"
         ) from e
-    finally:
-        gm.train(training)
 
 
 def _dim_spec(spec: InputSpec | None) -> dict[int, Any] | None:

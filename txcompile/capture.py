@@ -146,7 +146,9 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
                 saved[key] = getattr(config, key)
                 setattr(config, key, value)
     try:
-        model.eval()
+        # Flags, not model.eval(): export's unlifted modules refuse train()/eval() but are traced in eval mode anyway.
+        for m in modes:
+            m.training = False
         yield
     finally:
         for m, training in modes.items():

@@ -76,6 +76,16 @@ def get_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return obj if isinstance(obj, torch.Tensor) else None
 
 
+def fresh_name(owner: torch.nn.Module, hint: str, *, prefix: str = "") -> str:
+    """An attribute name derived from `hint` ("blocks.0.q.weight" -> "blocks_0_q_weight") that `owner` lacks."""
+    base = prefix + ("".join(c if c.isalnum() else "_" for c in hint).strip("_") or "t")
+    name, i = base, 0
+    while hasattr(owner, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
 def add_tensor(
     gm: fx.GraphModule, hint: str, value: torch.Tensor, *, parameter: bool | None = None, trainable: bool = False
 ) -> str:
@@ -84,11 +94,7 @@ def add_tensor(
     New tensors live at the top level ("_txc_<hint>") so they never collide with the model's own module tree.
     Parameters are frozen unless `trainable` (a pass that adds weights meant to be trained, like qk_norm).
     """
-    base = "_txc_" + "".join(c if c.isalnum() else "_" for c in hint).strip("_")
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
+    name = fresh_name(gm, hint, prefix="_txc_")
     value = value.detach()
     if parameter is None:
         parameter = value.is_floating_point()

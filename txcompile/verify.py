@@ -123,20 +123,25 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _record(gm: fx.GraphModule, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> dict[str, torch.Tensor]:
-    args, kwargs = inputs
-    # The exported module flattens (args, kwargs) with its input spec (dict keys in capture order); the interpreter
-    # feeds placeholders directly, so flatten the same way here.
+def flatten_inputs(gm: fx.GraphModule, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> list[Any]:
+    """The placeholder values for (args, kwargs), for running `gm` with an `fx.Interpreter`.
+
+    The exported module flattens (args, kwargs) with its input spec (dict keys in capture order); an interpreter feeds
+    placeholders directly, so it must flatten the same way.
+    """
     spec = getattr(gm, "_in_spec", None)
     if spec is not None:
         import torch.fx._pytree as fx_pytree
 
-        flat = fx_pytree.tree_flatten_spec((args, kwargs), spec)
-    else:
-        flat = pytree.tree_leaves((args, kwargs))
+        return list(fx_pytree.tree_flatten_spec(inputs, spec))
+    return pytree.tree_leaves(inputs)
+
+
+def node_values(gm: fx.GraphModule, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Every node's tensor value (by node name) when `gm` runs on `inputs`, without autograd."""
     rec = _Recorder(gm)
     with torch.no_grad():
-        rec.run(*flat)
+        rec.run(*flatten_inputs(gm, inputs))
     return rec.values
 
 
@@ -148,8 +153,8 @@ def first_divergence(
     Returns a description ("view_3 (aten.view in encoder.layer.0.attention.self)") and its max abs error, or None if
     every shared node agrees (then the divergence is in nodes the pass added and the output).
     """
-    old = _record(before, inputs)
-    new = _record(after, inputs)
+    old = node_values(before, inputs)
+    new = node_values(after, inputs)
     for node in after.graph.nodes:
         a, b = new.get(node.name), old.get(node.name)
         if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:

@@ -29,7 +29,7 @@ import torch
 from torch import fx
 
 from ..anatomy import Anatomy, Linear, anatomy
-from ..ir import get_tensor, is_op
+from ..ir import fresh_name, get_tensor, is_op
 from ..ops import SigmaReparamWeight
 from ..pipeline import PassContext, PassResult
 
@@ -96,7 +96,7 @@ class SigmaReparam:
         for lin in fresh:
             reader, w_node = _weight_site(lin)
             if w_node not in reparam_of:
-                key = _fresh_name(container, lin.weight)
+                key = fresh_name(container, lin.weight)
                 module = SigmaReparamWeight(get_tensor(gm, w_node), self.iters).train(gm.training)
                 container.add_module(key, module)
                 sigmas.append(float(module.gamma.detach()))
@@ -109,12 +109,3 @@ class SigmaReparam:
         if sigmas:
             stats.update(sigma_min=round(min(sigmas), 4), sigma_max=round(max(sigmas), 4))
         return PassResult(gm, bool(fresh), stats, tuple(notes))
-
-
-def _fresh_name(container: torch.nn.Module, weight: str) -> str:
-    base = "".join(c if c.isalnum() else "_" for c in weight).strip("_") or "weight"
-    name, i = base, 0
-    while hasattr(container, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name

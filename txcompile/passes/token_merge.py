@@ -38,7 +38,7 @@ from ..ir import is_op, tensor_meta
 from ..ops.token_merge import init_token_state, merged_count, size_bias, token_merge_step
 from ..pipeline import PassContext, PassResult
 from ..qk import locate_qk
-from ..verify import _record
+from ..verify import node_values
 
 aten = torch.ops.aten
 
@@ -129,7 +129,7 @@ def _padding_input(gm: fx.GraphModule, anat: Anatomy, example: Any) -> fx.Node |
     inputs = {n for n in _ancestors(mask) if n.op == "placeholder"}
     if not inputs:
         # A mask that depends on no input (Hugging Face builds an all-True one for ViT): harmless if it hides nothing.
-        value = _record(gm, example).get(mask.name) if example[0] or example[1] else None
+        value = node_values(gm, example).get(mask.name) if example[0] or example[1] else None
         hides = value is None or bool((~value).any() if value.dtype == torch.bool else (value != 0).any())
         if hides:
             raise _Decline("the attention mask hides keys but depends on no input (a fixed pattern)")
