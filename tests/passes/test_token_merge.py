@@ -7,7 +7,8 @@ import torch
 
 import txcompile as txc
 from txcompile.models import hf_zoo, reference
-from txcompile.passes.token_merge import parse_blocks, schedule
+from txcompile.passes.token_merge import schedule
+from txcompile.tokens import parse_blocks
 from txcompile.testing import assert_roundtrip, count_ops
 
 

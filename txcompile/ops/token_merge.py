@@ -188,6 +188,18 @@ def _weights(size: Tensor, valid: Tensor, dest: Tensor, keep: Tensor, acc: torch
     return contributes, weight, total, members, valid_out
 
 
+def _rows(flat: Tensor, index: Tensor) -> Tensor:
+    """`flat[b, index[b, k]]` for flat [B, T, C] and index [B, K]: whole rows, which index_select copies much faster
+    than gather does element by element."""
+    batch, tokens, chans = flat.shape
+    offsets = torch.arange(batch, device=index.device)[:, None] * tokens
+    return flat.reshape(batch * tokens, chans).index_select(0, (index + offsets).reshape(-1)).view(*index.shape, chans)
+
+
+def _row_offsets(index: Tensor, tokens: int) -> Tensor:
+    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * tokens).reshape(-1)
+
+
 @torch.library.custom_op("txc::merge_tokens", mutates_args=())
 def merge_tokens(x: Tensor, size: Tensor, valid: Tensor, dest: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Apply a plan: `(x', size', valid')`, size-weighted means of the tokens each slot received."""
@@ -198,14 +210,31 @@ def merge_tokens(x: Tensor, size: Tensor, valid: Tensor, dest: Tensor, keep: Ten
     contributes, weight, total, members, valid_out = _weights(size, valid, dest, keep, acc)
     flat = x.reshape(batch, tokens, -1)
     chans = flat.shape[2]
-    # where, not a product: padding holding inf/nan must not reach valid slots through a zero weight.
-    parts = torch.where(contributes[..., None], flat * weight[..., None], 0)
-    summed = parts.new_zeros((batch, kept, chans)).scatter_add_(1, dest[..., None].expand(batch, tokens, chans), parts)
-    own = flat.gather(1, keep[..., None].expand(batch, kept, chans))
-    merged = (members > 1)[..., None]  # slots that received nothing keep their token's value exactly
-    x_out = torch.where(merged, (summed / total[..., None]).to(x.dtype), own)
+    own = _rows(flat, keep)  # a fresh tensor: the merged slots are written into it below
     size_out = torch.where(members > 1, total.to(size.dtype), size.gather(1, keep))
-    return x_out.reshape(batch, kept, *x.shape[2:]), size_out, valid_out
+    if kept < tokens:
+        # Only the T - T' removed tokens move; every other slot is its own token, untouched. So the means are
+        # computed on [B, T - T', C] tensors: each receiving slot becomes (w_own·x_own + Σ w_i·x_i) / Σ w.
+        pos = torch.arange(tokens, device=dest.device)
+        removed = keep.gather(1, dest) != pos
+        gone = torch.argsort(removed.to(torch.int8), dim=1, descending=True, stable=True)[:, : tokens - kept]
+        to = dest.gather(1, gone)  # [B, R] the slot each removed token goes to
+        w = weight.gather(1, gone)[..., None]
+        moved = _rows(flat, gone).to(acc)
+        # where, not a product: padding holding inf/nan must not reach valid slots through a zero weight.
+        moved = torch.where(contributes.gather(1, gone)[..., None], moved * w, 0)
+        slots = _row_offsets(to, kept)
+        sums = torch.zeros((batch * kept, chans), dtype=acc, device=x.device).index_add_(
+            0, slots, moved.view(-1, chans)
+        )
+        mine = own.view(-1, chans).index_select(0, slots)
+        own_w = weight.gather(1, keep).gather(1, to).reshape(-1, 1)  # a kept token always contributes to its slot
+        mean = (mine.to(acc) * own_w + sums.index_select(0, slots)) / total.gather(1, to).reshape(-1, 1)
+        # A slot reached only by non-contributing padding keeps its value bit for bit. Several tokens sent to one
+        # slot write the same value, so the copy is deterministic.
+        mean = torch.where((members.gather(1, to) > 1).reshape(-1, 1), mean.to(x.dtype), mine)
+        own.view(-1, chans).index_copy_(0, slots, mean)
+    return own.reshape(batch, kept, *x.shape[2:]), size_out, valid_out
 
 
 @merge_tokens.register_fake
@@ -247,8 +276,7 @@ def unmerge_tokens(x: Tensor, source: Tensor) -> Tensor:
             f"got {tuple(x.shape)} and {tuple(source.shape)}"
         )
     batch, tokens = source.shape
-    flat = x.reshape(x.shape[0], x.shape[1], -1)
-    out = flat.gather(1, source[..., None].expand(batch, tokens, flat.shape[2]))
+    out = _rows(x.reshape(x.shape[0], x.shape[1], -1), source)
     return out.reshape(batch, tokens, *x.shape[2:])
 
 
@@ -279,13 +307,15 @@ unmerge_tokens.register_autograd(_unmerge_backward, setup_context=_unmerge_setup
 _aten, _txc = torch.ops.aten, torch.ops.txc
 
 
-def init_token_state(x: Any, valid: Any = None) -> tuple[Any, Any, Any]:
+def init_token_state(x: Any, valid: Any = None, track_source: bool = True) -> tuple[Any, Any, Any]:
     """`(size, valid, source)` for tokens `x` [B, T, C] that no block has merged: size 1 (float32), all valid unless
-    `valid` [B, T] bool is given, and source[b, i] = i."""
+    `valid` [B, T] bool is given, and source[b, i] = i (None without `track_source`)."""
     plane = _aten.select.int(x, -1, 0)  # [B, T]
     size = _aten.ones_like.default(plane, dtype=torch.float32)
     if valid is None:
         valid = _aten.ones_like.default(plane, dtype=torch.bool)
+    if not track_source:
+        return size, valid, None
     ones = _aten.ones_like.default(plane, dtype=torch.int64)
     source = _aten.sub.Tensor(_aten.cumsum.default(ones, 1), 1)  # arange(T) per row without a symbolic size
     return size, valid, source

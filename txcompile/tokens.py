@@ -1,0 +1,233 @@
+"""The graph side of token reduction, shared by `token_merge` and `token_prune`.
+
+Where a token-reducing rewrite goes in each block (`merge_point`), which leading tokens never leave (`protected_count`),
+which input carries the padding mask (`padding_input`), how attention's mask is read and replaced, the per-token FLOPs
+each side of the merge point costs (`token_shares`), and how token counts downstream of a reduction are re-derived
+from the reduced tensor (`rederive_sizes`), so the rewritten program still runs at other batch sizes and lengths.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import fx
+
+from .anatomy import Anatomy, Block
+from .ir import is_op, tensor_meta
+from .verify import node_values
+
+aten = torch.ops.aten
+
+__all__ = [
+    "Decline",
+    "parse_blocks",
+    "merge_point",
+    "protected_count",
+    "attn_mask",
+    "set_attn_mask",
+    "padding_input",
+    "token_shares",
+    "rederive_sizes",
+    "reads_only_leading",
+]
+
+
+class Decline(Exception):
+    """The graph does not meet the pass's preconditions; the message is the note."""
+
+
+def parse_blocks(spec: str, depth: int) -> list[int]:
+    """ "all", "3:" (from block 3), ":4" (before block 4), "0,2,5" -> block indices."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(depth))
+    if ":" in spec:
+        lo, _, hi = spec.partition(":")
+        return list(range(depth))[slice(int(lo) if lo else None, int(hi) if hi else None)]
+    picked = sorted({int(p) for p in spec.split(",") if p.strip()})
+    bad = [i for i in picked if not 0 <= i < depth]
+    if bad:
+        raise Decline(f"blocks={spec!r} names blocks {bad}, but the model has blocks 0..{depth - 1}")
+    return picked
+
+
+def merge_point(block: Block) -> fx.Node:
+    """Where the merge goes: after attention's residual add (pre-LN), or after the norm that follows it (post-LN)."""
+    if block.norm_position == "post" and block.attn_norm is not None:
+        return block.attn_norm.output
+    return block.attn_residual
+
+
+def protected_count(anat: Anatomy) -> int:
+    """Leading tokens never to merge: learned tokens prepended to the patches (CLS, distillation), else 1 (CLS/BOS)."""
+    node = anat.blocks[0].stream_in
+    for _ in range(8):  # through the position-embedding add and dropout
+        if is_op(node, aten.cat):
+            break
+        node = node.args[0] if isinstance(node, fx.Node) and node.args else None
+        if not isinstance(node, fx.Node):
+            return 1
+    if not is_op(node, aten.cat) or node.args[1] not in (1, -2):
+        return 1
+    count = 0
+    for part in node.args[0]:
+        if any(a.op == "placeholder" for a in _ancestors(part)):
+            break
+        val = tensor_meta(part)
+        count += int(val.shape[1]) if val is not None else 1
+    return count
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    """The nodes `node`'s value is computed from; sizes read with sym_size are not values and are not followed."""
+    seen: dict[fx.Node, None] = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen or is_op(n, aten.sym_size):
+            continue
+        seen[n] = None
+        stack.extend(n.all_input_nodes)
+    return list(seen)
+
+
+def attn_mask(core: fx.Node) -> Any:
+    return core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
+
+
+def set_attn_mask(core: fx.Node, mask: fx.Node) -> None:
+    if len(core.args) > 3:
+        core.update_arg(3, mask)
+    else:
+        core.update_kwarg("attn_mask", mask)
+
+
+def padding_input(gm: fx.GraphModule, anat: Anatomy, example: Any) -> fx.Node | None:
+    """The [B, T] padding-mask input the attention masks are built from, None if attention is unmasked."""
+    mask = attn_mask(anat.blocks[0].attention.core)
+    if not isinstance(mask, fx.Node):
+        return None
+    # Inputs whose values the mask is computed from (sizes read with sym_size do not count).
+    inputs = {n for n in _ancestors(mask) if n.op == "placeholder"}
+    if not inputs:
+        # A mask that depends on no input (Hugging Face builds an all-True one for ViT): harmless if it hides nothing.
+        value = node_values(gm, example).get(mask.name) if example[0] or example[1] else None
+        hides = value is None or bool((~value).any() if value.dtype == torch.bool else (value != 0).any())
+        if hides:
+            raise Decline("the attention mask hides keys but depends on no input (a fixed pattern)")
+        return None
+    tokens = tensor_meta(anat.blocks[0].stream_in)
+    pads = [n for n in inputs if (v := tensor_meta(n)) is not None and v.dim() == 2 and tokens is not None
+            and str(v.shape[1]) == str(tokens.shape[1])]  # fmt: skip
+    if len(inputs) != 1 or len(pads) != 1:
+        raise Decline("the attention mask is not built from one [batch, tokens] padding mask")
+    return pads[0]
+
+
+def token_shares(block: Block) -> tuple[int, int]:
+    """Linear weights (in x out) on attention's side of the merge and on the MLP's side: FLOPs per token."""
+    att = sum(lin.in_features * lin.out_features for lin in (*block.attention.projections, block.attention.out))
+    mlp = sum(lin.in_features * lin.out_features for lin in block.mlp.linears) if block.mlp else 0
+    return att, mlp
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def rederive_sizes(graph: fx.Graph, merges: list[tuple[fx.Node, fx.Node]], stop: fx.Node | None) -> None:
+    """Downstream of each merge, sizes the model computed from the token count (view(x, [B, T, H, D])) must use the
+    merged count: read it off the merged tensor instead (until `stop`, the unmerge, restores the original count)."""
+    after_stop = _descendants(stop) | {stop} if stop is not None else set()
+    counts: set[fx.Node] = set()  # nodes that stand for the token count entering the current merge
+    static: int | None = None  # or the count itself, when it is a constant in the graph (vision models)
+    for before, after in merges:
+        count = tensor_meta(before).shape[1]  # type: ignore[union-attr]
+        if not counts and static is None:
+            if isinstance(count, torch.SymInt):
+                expr = str(count.node.expr)
+                counts = {n for n in graph.nodes if _sym_expr(n) == expr}
+            else:
+                static = int(count)
+        with graph.inserting_after(after):
+            new = graph.call_function(aten.sym_size.int, (after, 1))
+        for node in _descendants(after) - after_stop - {new}:
+            for arg in node.all_input_nodes:
+                if arg in counts:
+                    node.replace_input_with(arg, new)
+            if static is not None and is_op(node, *_SHAPED) and isinstance(node.args[1], (list, tuple)):
+                sizes = list(node.args[1])
+                if any(not isinstance(d, fx.Node) and d == static for d in sizes[1:]):
+                    node.update_arg(
+                        1, [new if i and not isinstance(d, fx.Node) and d == static else d for i, d in enumerate(sizes)]
+                    )
+        counts, static = {new}, None
+
+
+def _sym_expr(node: fx.Node) -> str | None:
+    val = node.meta.get("val")
+    return str(val.node.expr) if isinstance(val, torch.SymInt) else None
+
+
+# Ops whose second argument is a size list a model may spell with the token count.
+_SHAPED = (aten.view, aten.reshape, aten._unsafe_view, aten.expand)
+
+
+# Ops a token-indexed value passes through unchanged in its token order on the way to a classifier head.
+_PER_TOKEN = (aten.layer_norm, aten.native_layer_norm, aten.clone, aten.dropout, aten._to_copy, aten.alias,
+              aten.contiguous, aten.rms_norm)  # fmt: skip
+
+
+def reads_only_leading(node: fx.Node, count: int) -> bool:
+    """Whether every use of the [B, T, C] value `node` reads only its first `count` tokens (a CLS/distillation head),
+    so the order and number of the other tokens never reach an output and need no unmerging."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user.op == "call_function" and user.target is operator.getitem and user.args[1] == 0:
+                stack.append(user)  # native_layer_norm's output
+            elif is_op(user, *_PER_TOKEN) and user.args[0] is n:
+                stack.append(user)
+            elif is_op(user, aten.slice) and user.args[0] is n and _slice_dim(user) == 0 and _full(user):
+                stack.append(user)
+            elif is_op(user, aten.select) and user.args[1] in (1, -2) and 0 <= _int(user.args[2]) < count:
+                continue
+            elif is_op(user, aten.slice) and _slice_dim(user) in (1, -2) and _slice_end(user) <= count:
+                continue
+            else:
+                return False
+    return True
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else -1
+
+
+def _slice_dim(node: fx.Node) -> int:
+    return node.args[1] if len(node.args) > 1 else 0  # type: ignore[return-value]
+
+
+def _slice_end(node: fx.Node) -> float:
+    start = node.args[2] if len(node.args) > 2 else 0
+    end = node.args[3] if len(node.args) > 3 else None
+    if start not in (0, None) or not isinstance(end, int) or end < 0:
+        return float("inf")
+    return end
+
+
+def _full(node: fx.Node) -> bool:
+    start = node.args[2] if len(node.args) > 2 else 0
+    end = node.args[3] if len(node.args) > 3 else None
+    step = node.args[4] if len(node.args) > 4 else 1
+    return start in (0, None) and step == 1 and (end is None or (isinstance(end, int) and end >= 2**62))
