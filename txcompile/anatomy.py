@@ -15,6 +15,8 @@ next residual add. `nn_module_stack` is only used to label things for people.
 
 from __future__ import annotations
 
+import operator
+
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -474,8 +476,24 @@ def _parallel_mlp(
     return None, None
 
 
+def past_token_reduction(node: fx.Node) -> fx.Node:
+    """The stream after the token merge/prune (`txc.merge_tokens`) or unmerge a rewrite put right after `node`, else
+    `node`: the blocks of a token-reduced program are the same blocks, on fewer tokens."""
+    for user in node.users:
+        if user.op == "call_function" and user.args and user.args[0] is node:
+            if str(user.target) == "txc.unmerge_tokens.default":
+                return user
+            if str(user.target) == "txc.merge_tokens.default":
+                for item in user.users:
+                    if item.target is operator.getitem and item.args[1] == 0:
+                        return item
+    return node
+
+
 def _norm_reading(node: fx.Node, norm_by_input: dict[fx.Node, list[Norm]]) -> Norm | None:
-    """The norm applied to `node`, also when the stream is reshaped first (OPT flattens to [B*T, D])."""
+    """The norm applied to `node`, also when the stream is reshaped first (OPT flattens to [B*T, D]) or its tokens
+    are merged first (token_merge, token_prune)."""
+    node = past_token_reduction(node)
     if node in norm_by_input:
         return norm_by_input[node][0]
     for user in node.users:
@@ -528,7 +546,7 @@ def _block(
     parallel = i > 0  # another branch joined attention's output before the stream did
     if not parallel:
         mlp_norm = _norm_reading(attn_residual, norm_by_input) if position == "pre" else None
-        mlp = _mlp(mlp_norm.output if mlp_norm else after_attn, by_input, projections)
+        mlp = _mlp(mlp_norm.output if mlp_norm else past_token_reduction(after_attn), by_input, projections)
     if mlp is None:
         mlp, mlp_norm = _parallel_mlp(stream, attn_input, in_norm, by_input, norm_by_input, projections)
         parallel = mlp is not None

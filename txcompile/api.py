@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from .backends import get_backend
 from .capture import CallSpec, capture, capture_info, eval_mode, normalize_inputs
+from .cost import token_summary
 from .errors import InputError, VerificationError
 from .pipeline import Pass, PassContext, Pipeline, effective_contract, spec_of
 from .registry import resolve_passes
@@ -149,6 +150,7 @@ def optimize(
             reference = run_program(model, inputs)
     step("capture")
     gm = capture(model, inputs, dynamic=dynamic)
+    captured = gm
     report.capture = capture_info(gm)
     report.seconds["capture"] = time.perf_counter() - start
     verifier = None
@@ -162,6 +164,9 @@ def optimize(
         gm, ctx, verify=verifier, on_start=lambda p: step(f"pass {spec_of(p)}")
     )
     report.records = records
+    reducing = {p.name for p in pass_list if getattr(p, "reduces_tokens", False)}
+    if any(r.modified and r.name in reducing for r in records):
+        report.tokens = token_summary(captured, gm)
     report.seconds["passes"] = time.perf_counter() - t
     t = time.perf_counter()
     step(f"lower to {be.name}")

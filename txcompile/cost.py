@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import sympy
 import torch
@@ -29,7 +30,8 @@ from .ir import tensor_meta
 from .linears import Linear
 
 __all__ = [
-    "B", "T", "BlockCost", "MATMUL_PARTS", "block_costs", "total", "evaluate", "example_shape", "heads", "size_symbols"
+    "B", "T", "BlockCost", "MATMUL_PARTS", "block_costs", "total", "evaluate", "example_shape", "heads", "size_symbols",
+    "token_summary",
 ]  # fmt: skip
 
 B, T = sympy.symbols("B T", positive=True, integer=True)
@@ -55,6 +57,7 @@ class BlockCost:
     bytes: sympy.Expr
     params: int
     parts: dict[str, sympy.Expr] = field(default_factory=dict)  # FLOPs per part: "attn.q", "attn.scores", "norm", ...
+    tokens: sympy.Expr = T  # tokens entering the block (fewer after token merging or pruning upstream)
 
     @property
     def matmul_flops(self) -> sympy.Expr:
@@ -77,6 +80,29 @@ def size_symbols(gm: fx.GraphModule) -> dict[sympy.Symbol, sympy.Symbol]:
     return found
 
 
+def _merge_count(node: fx.Node, tokens: sympy.Expr) -> sympy.Expr:
+    from .ops.token_merge import merged_count
+
+    _, _, r, protected = node.args
+    if tokens.is_Integer:
+        return sympy.Integer(merged_count(int(tokens), r, protected))
+    return sympy.Integer(r) if r > 0 else sympy.Integer(0)  # the guard export put on T: T >= min_tokens(r, protected)
+
+
+def _pruned_count(node: fx.Node, tokens: sympy.Expr) -> sympy.Expr:
+    from .ops.token_prune import pruned_length
+
+    _, _, keep, protected, fuse = node.args
+    return sympy.sympify(pruned_length(tokens, keep, protected, fuse))
+
+
+# Ops that plan a token reduction: how many tokens a block keeps, as an expression of how many enter it.
+_REDUCERS = {
+    "txc.bipartite_match.default": lambda node, t: t - _merge_count(node, t),
+    "txc.prune_plan.default": _pruned_count,
+}
+
+
 class _Sizes:
     """Turns the graph's sizes (ints or SymInts) into expressions in B and T."""
 
@@ -84,11 +110,30 @@ class _Sizes:
         self.subs = size_symbols(gm)
         self.static_batch: int | None = None
         self.static_tokens: int | None = None
+        self.derived: dict[int, sympy.Expr] = {}  # static token counts after a reduction -> expressions in T
         stream = tensor_meta(anat.blocks[0].stream_in) if anat.blocks else None
         if stream is not None and stream.dim() == 3:
             b, t = self.expr(stream.shape[0]), self.expr(stream.shape[1])
             self.static_batch = int(b) if b.is_Integer else None
             self.static_tokens = int(t) if t.is_Integer else None
+        if self.static_tokens is not None:
+            self._follow_reductions(gm)
+
+    def _follow_reductions(self, gm: fx.GraphModule) -> None:
+        """A static token count (vision) that a reduction produced stands for the expression in T the reduction's
+        options give (197 tokens, r=16: 181 is T - 16), so costs stay expressions of the input length and options."""
+        exprs: dict[int, sympy.Expr] = {self.static_tokens: T}  # type: ignore[dict-item]
+        for node in gm.graph.nodes:
+            rule = _REDUCERS.get(str(node.target)) if node.op == "call_function" else None
+            valid = tensor_meta(node.args[1]) if rule is not None else None
+            if valid is None or valid.dim() != 2 or not isinstance(valid.shape[1], int):
+                continue
+            before = int(valid.shape[1])
+            out = rule(node, exprs.get(before, sympy.Integer(before)))  # type: ignore[misc]
+            after = int(out.subs(T, self.static_tokens))  # type: ignore[arg-type]
+            if after != self.static_tokens:
+                exprs.setdefault(after, sympy.expand(out))
+        self.derived = {n: e for n, e in exprs.items() if n != self.static_tokens}
 
     def expr(self, size: int | torch.SymInt) -> sympy.Expr:
         if isinstance(size, torch.SymInt):
@@ -101,6 +146,8 @@ class _Sizes:
             return symbol  # a size capture did not name (a derived symbol): assume the plain dim it stands in for
         if static is not None and expr.is_Integer and int(expr) == static:
             return symbol
+        if symbol is T and expr.is_Integer and int(expr) in self.derived:
+            return self.derived[int(expr)]
         return expr
 
     def batch(self, size: int | torch.SymInt) -> sympy.Expr:
@@ -224,7 +271,9 @@ def _block_cost(gm: fx.GraphModule, anat: Anatomy, block: Block, sizes: _Sizes) 
     weights = sum(t.numel() * t.element_size() for t in tensors if t is not None)
     parts = {k: sympy.expand(v) for k, v in parts.items()}
     flops = sympy.expand(sum(parts.values(), sympy.Integer(0)))
-    return BlockCost(block.index, flops, sympy.expand(moved * itemsize + weights), anat.block_params(gm, block), parts)
+    tokens = sizes.tokens(stream.shape[1]) if stream is not None and stream.dim() == 3 else T
+    params = anat.block_params(gm, block)
+    return BlockCost(block.index, flops, sympy.expand(moved * itemsize + weights), params, parts, sympy.expand(tokens))
 
 
 def block_costs(gm: fx.GraphModule, anat: Anatomy) -> list[BlockCost]:
@@ -280,3 +329,26 @@ def _hint(size: int | torch.SymInt) -> int | None:
         hint = size.node.hint
         return int(hint) if hint is not None else None
     return int(size)
+
+
+def token_summary(before: fx.GraphModule, after: fx.GraphModule) -> dict[str, Any] | None:
+    """Tokens entering each block of `after` and the blocks' FLOPs before and after a token-reducing rewrite, as
+    expressions and at the captured shape (JSON-ready strings and ints); None if the token counts did not change."""
+    from .anatomy import anatomy
+
+    anat = anatomy(after)
+    costs = block_costs(after, anat)
+    if not costs or all(c.tokens == costs[0].tokens for c in costs):
+        return None
+    old = total(block_costs(before, anatomy(before))).flops
+    new = total(costs).flops
+    batch, seq = example_shape(before)
+    return {
+        "per_block": [str(c.tokens) for c in costs],
+        "per_block_at": [evaluate(c.tokens, batch, seq) for c in costs],
+        "at": [batch, seq],
+        "flops_before": str(old),
+        "flops_after": str(new),
+        "flops_before_at": evaluate(old, batch, seq),
+        "flops_after_at": evaluate(new, batch, seq),
+    }

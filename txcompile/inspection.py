@@ -1,9 +1,9 @@
 """What `txcompile inspect` shows: anatomy, op counts, the cost model per block and, after passes, what each changed.
 
-    insp = build(gm, label="all-MiniLM-L6-v2", records=records)
-    print(render_text(insp))                 # rich tables as plain text
-    Path("inspect.html").write_text(render_html(insp))   # one self-contained page, no scripts or external files
-    Path("graph.dot").write_text(render_dot(gm, txc.anatomy(gm)))   # the ATen graph, one cluster per block
+insp = build(gm, label="all-MiniLM-L6-v2", records=records)
+print(render_text(insp))                 # rich tables as plain text
+Path("inspect.html").write_text(render_html(insp))   # one self-contained page, no scripts or external files
+Path("graph.dot").write_text(render_dot(gm, txc.anatomy(gm)))   # the ATen graph, one cluster per block
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ def build(gm: fx.GraphModule, *, label: str, records: Sequence[PassRecord] | Non
         cost_rows.append(
             {
                 "block": c.index,
+                "tokens": str(c.tokens),
+                "tokens_at": cost.evaluate(c.tokens, batch, seq),
                 "flops": str(c.flops),
                 "bytes": str(c.bytes),
                 "flops_at": cost.evaluate(c.flops, batch, seq),
@@ -170,20 +172,20 @@ def _tables(insp: Inspection) -> list[tuple[str, str, list[str], list[list[str]]
     anatomy_rows = [[str(b[k]) for k in ("block", "path", "attention", "heads", "qkv", "norm", "mlp", "parallel",
                                           "width")] + [f"{int(b['params']):,}"] for b in insp.blocks]  # fmt: skip
     cost_rows = [
-        [str(c["block"]), c["flops"], c["bytes"], f"{_si(c['flops_at'])}FLOP", f"{_si(c['bytes_at'])}B",
-         f"{c['flops_at'] / max(c['bytes_at'], 1):.1f}"]
+        [str(c["block"]), f"{c['tokens']} = {c['tokens_at']}", c["flops"], c["bytes"], f"{_si(c['flops_at'])}FLOP",
+         f"{_si(c['bytes_at'])}B", f"{c['flops_at'] / max(c['bytes_at'], 1):.1f}"]
         for c in insp.costs
     ]  # fmt: skip
     if insp.costs:
         flops, moved = sum(c["flops_at"] for c in insp.costs), sum(c["bytes_at"] for c in insp.costs)
-        cost_rows.append(["all", "", "", f"{_si(flops)}FLOP", f"{_si(moved)}B", f"{flops / max(moved, 1):.1f}"])
+        cost_rows.append(["all", "", "", "", f"{_si(flops)}FLOP", f"{_si(moved)}B", f"{flops / max(moved, 1):.1f}"])
     tables = [
         ("anatomy", "Anatomy", _ANATOMY_HEADER, anatomy_rows),
         ("parts", "Outside the blocks", ["part", "what"], [list(p) for p in insp.parts]),
         (
             "cost",
             f"Cost per block (B = batch, T = tokens; numbers at B={batch}, T={seq})",
-            ["block", "FLOPs", "bytes", f"FLOPs @{batch}x{seq}", f"bytes @{batch}x{seq}", "FLOP/byte"],
+            ["block", "tokens in", "FLOPs", "bytes", f"FLOPs @{batch}x{seq}", f"bytes @{batch}x{seq}", "FLOP/byte"],
             cost_rows,
         ),
         ("ops", "Op counts", ["op", "count"], [[op, str(n)] for op, n in sorted(insp.ops.items(), key=_by_count)]),

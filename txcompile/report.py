@@ -24,6 +24,9 @@ class Report:
     records: list[PassRecord] = field(default_factory=list)
     fallbacks: list[Fallback] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # capture / passes / lower / total
+    # Set when a pass changed the token count: tokens entering each block and the blocks' FLOPs before and after, as
+    # expressions (B batch, T input tokens) and at the example shape.
+    tokens: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -34,6 +37,7 @@ class Report:
             "passes": [asdict(r) for r in self.records],
             "fallbacks": [asdict(f) for f in self.fallbacks],
             "seconds": self.seconds,
+            "tokens": self.tokens,
         }
 
     def __str__(self) -> str:
@@ -53,6 +57,16 @@ class Report:
         if "total" in self.seconds:
             title += f" ({self.seconds['total']:.2f} s)"
         text = render_table(title, ["pass", "contract", "changed", "time", "error vs original", "what changed"], rows)
+        if self.tokens is not None:
+            tk = self.tokens
+            batch, seq = tk["at"]
+            cut = 1 - tk["flops_after_at"] / max(tk["flops_before_at"], 1)
+            text += (
+                f"\ntokens entering each block: {', '.join(tk['per_block'])} (T = {seq}: "
+                f"{', '.join(map(str, tk['per_block_at']))})"
+                f"\nblock FLOPs at B={batch}, T={seq}: {tk['flops_before_at'] / 1e9:.3g} G -> "
+                f"{tk['flops_after_at'] / 1e9:.3g} G ({cut:.1%} removed); after: {tk['flops_after']}"
+            )
         if self.fallbacks:
             text += f"\n{len(self.fallbacks)} node(s) run as plain ATen: " + ", ".join(
                 f"{f.node} ({f.op}: {f.reason})" for f in self.fallbacks[:10]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import sympy
 import torch
 
 import txcompile as txc
+from txcompile import cost, inspection
 from txcompile.models import hf_zoo, reference
 from txcompile.passes.token_merge import schedule
 from txcompile.tokens import parse_blocks
@@ -81,3 +83,50 @@ def test_declines_on_causal_models():
     opt = txc.optimize(model, ["token_merge:r=2"], example_inputs=model.example_inputs())
     record = opt.report.records[0]
     assert not record.modified and "causal" in record.notes[0]
+
+
+def test_cost_model_and_report_give_tokens_per_block_as_expressions():
+    model = reference.build("vit", depth=3)  # 17 tokens: CLS + 16 patches
+    opt = txc.optimize(model, ["token_merge:r=3,min_cosine=0"], example_inputs=model.example_inputs())
+    gm = opt.graph_module
+    anat = txc.anatomy(gm)
+    assert all(b.mlp is not None for b in anat.blocks), "the MLP after a merge is still the block's MLP"
+    costs = cost.block_costs(gm, anat)
+    assert [c.tokens for c in costs] == [cost.T, cost.T - 3, cost.T - 6]
+    # The MLP of a block runs on the merged tokens: its rows are T - 3r' where r' merges happened so far.
+    assert costs[0].parts["mlp.fc1"] == sympy.expand(2 * cost.B * (cost.T - 3) * 32 * 128)
+    tokens = opt.report.tokens
+    assert tokens["per_block"] == ["T", "T - 3", "T - 6"] and tokens["per_block_at"] == [17, 14, 11]
+    assert 0 < tokens["flops_after_at"] < tokens["flops_before_at"]
+    assert "tokens entering each block: T, T - 3, T - 6" in str(opt.report)
+    insp = inspection.build(gm, label="merged")
+    assert [c["tokens"] for c in insp.costs] == ["T", "T - 3", "T - 6"]
+    assert "T - 6 = 11" in inspection.render_text(insp)
+
+
+def test_text_model_token_counts_follow_the_input_length():
+    model, inputs = hf_zoo.build("bert")
+    opt = txc.optimize(model, ["token_merge:r=1,min_cosine=0"], example_inputs=inputs)
+    costs = cost.block_costs(opt.graph_module, txc.anatomy(opt.graph_module))
+    assert [c.tokens for c in costs] == [cost.T - i for i in range(len(costs))]
+
+
+def test_a_class_token_head_needs_no_unmerge_and_per_token_outputs_get_one():
+    model = reference.build("vit", depth=2)  # a classifier: the head reads the CLS token only
+    opt = txc.optimize(model, ["token_merge:r=1,min_cosine=0.5"], example_inputs=model.example_inputs())
+    assert not opt.report.records[0].stats["unmerged"]
+    assert "txc.unmerge_tokens" not in count_ops(opt.graph_module)
+    model, inputs = hf_zoo.build("bert")  # last_hidden_state is per token
+    opt = txc.optimize(model, ["token_merge:r=1,min_cosine=0"], example_inputs=inputs)
+    assert opt.report.records[0].stats["unmerged"]
+
+
+@pytest.mark.parametrize("metric", ["keys_concat", "hidden"])
+def test_other_similarity_metrics(metric):
+    model = reference.build("vit", depth=2)
+    opt = txc.optimize(
+        model, [f"token_merge:r=2,metric={metric},min_cosine=0.5"], example_inputs=model.example_inputs()
+    )
+    assert opt.report.records[0].stats["merged_blocks"] == 2
+    with pytest.raises(txc.SpecError, match="metric"):
+        txc.parse_spec("token_merge:metric=values")

@@ -99,6 +99,7 @@ class TokenMerge:
 
     name: ClassVar[str] = "token_merge"
     contract: ClassVar[str] = "approximate"
+    reduces_tokens: ClassVar[bool] = True  # the report then shows the tokens per block and the FLOPs removed
     summary: ClassVar[str] = "ToMe bipartite soft matching: r tokens merged per block, proportional attention"
 
     r: int = 8
