@@ -90,10 +90,13 @@ def _merge_count(node: fx.Node, tokens: sympy.Expr) -> sympy.Expr:
 
 
 def _pruned_count(node: fx.Node, tokens: sympy.Expr) -> sympy.Expr:
-    from .ops.token_prune import pruned_length
+    from .ops.token_prune import keep_ratio, pruned_length
 
     _, _, keep, protected, fuse = node.args
-    return sympy.sympify(pruned_length(tokens, keep, protected, fuse))
+    if tokens.is_Integer:
+        return sympy.Integer(pruned_length(int(tokens), keep, protected, fuse))
+    num, den = keep_ratio(keep)  # the guard export put on T: T > protected
+    return protected + sympy.ceiling(sympy.Rational(num, den) * (tokens - protected)) + int(fuse)
 
 
 # Ops that plan a token reduction: how many tokens a block keeps, as an expression of how many enter it.

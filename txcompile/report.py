@@ -65,7 +65,8 @@ class Report:
                 f"\ntokens entering each block: {', '.join(tk['per_block'])} (T = {seq}: "
                 f"{', '.join(map(str, tk['per_block_at']))})"
                 f"\nblock FLOPs at B={batch}, T={seq}: {tk['flops_before_at'] / 1e9:.3g} G -> "
-                f"{tk['flops_after_at'] / 1e9:.3g} G ({cut:.1%} removed); after: {tk['flops_after']}"
+                f"{tk['flops_after_at'] / 1e9:.3g} G ({cut:.1%} removed)"
+                + (f"; after: {tk['flops_after']}" if len(tk["flops_after"]) < 160 else "")
             )
         if self.fallbacks:
             text += f"\n{len(self.fallbacks)} node(s) run as plain ATen: " + ", ".join(

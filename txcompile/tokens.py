@@ -22,6 +22,8 @@ aten = torch.ops.aten
 
 __all__ = [
     "Decline",
+    "check_reducible",
+    "cosine_shortfall",
     "parse_blocks",
     "merge_point",
     "protected_count",
@@ -39,18 +41,49 @@ class Decline(Exception):
 
 
 def parse_blocks(spec: str, depth: int) -> list[int]:
-    """ "all", "3:" (from block 3), ":4" (before block 4), "0,2,5" -> block indices."""
+    """ "all", "3:" (from block 3), ":4" (before block 4), "3::3" (every third from block 3), "0,2,5" -> indices."""
     spec = spec.strip()
     if spec == "all":
         return list(range(depth))
     if ":" in spec:
-        lo, _, hi = spec.partition(":")
-        return list(range(depth))[slice(int(lo) if lo else None, int(hi) if hi else None)]
+        parts = [int(p) if p.strip() else None for p in spec.split(":")]
+        if len(parts) > 3:
+            raise Decline(f"blocks={spec!r} is not a start:stop[:step] slice")
+        return list(range(depth))[slice(*parts)]
     picked = sorted({int(p) for p in spec.split(",") if p.strip()})
     bad = [i for i in picked if not 0 <= i < depth]
     if bad:
         raise Decline(f"blocks={spec!r} names blocks {bad}, but the model has blocks 0..{depth - 1}")
     return picked
+
+
+# The ops a token reduction inserts; a graph holding them already tracks token sizes and masks.
+_REDUCING = ("txc.merge_tokens.default", "txc.prune_plan.default")
+
+
+def check_reducible(gm: fx.GraphModule, anat: Anatomy) -> None:
+    """Raise Decline unless every block can have its tokens reduced between attention and MLP."""
+    if not anat.blocks:
+        raise Decline("no Transformer blocks found" + (f" ({'; '.join(anat.notes)})" if anat.notes else ""))
+    if any(b.attention.kind != "sdpa" for b in anat.blocks):
+        raise Decline("eager attention: proportional attention is implemented as an SDPA mask only")
+    cores = [b.attention.core for b in anat.blocks]
+    if any(c.kwargs.get("is_causal") or (len(c.args) > 5 and c.args[5]) for c in cores):
+        raise Decline("causal attention: reducing tokens would mix past and future positions")
+    if any(b.parallel for b in anat.blocks):
+        raise Decline("parallel attention/MLP blocks: there is no point between attention and MLP")
+    if any(str(n.target) in _REDUCING for n in gm.graph.nodes):  # sizes and masks would be tracked twice
+        raise Decline("tokens are already reduced (token_merge or token_prune ran before)")
+    if tensor_meta(anat.blocks[0].stream_in) is None:
+        raise Decline("no shape metadata on the residual stream")
+
+
+def cosine_shortfall(measured: dict, min_cosine: float) -> str | None:
+    """A token reduction's quality check: the verifier's output cosine against the pass's budget."""
+    cos = measured.get("cosine")
+    if cos is not None and cos < min_cosine:
+        return f"output cosine similarity {cos:.4f} < min_cosine {min_cosine}"
+    return None
 
 
 def merge_point(block: Block) -> fx.Node:

@@ -9,7 +9,18 @@ from .qk_norm import QKNorm
 from .rmsnorm import RMSNorm
 from .sigma_reparam import SigmaReparam
 from .token_merge import TokenMerge
+from .token_prune import TokenPrune
 
-ALL_PASSES = (Cleanup, FuseQKV, RMSNorm, SigmaReparam, FoldSigmaReparam, QKNorm, TokenMerge)
+ALL_PASSES = (Cleanup, FuseQKV, RMSNorm, SigmaReparam, FoldSigmaReparam, QKNorm, TokenMerge, TokenPrune)
 
-__all__ = ["ALL_PASSES", "Cleanup", "FuseQKV", "RMSNorm", "SigmaReparam", "FoldSigmaReparam", "QKNorm", "TokenMerge"]
+__all__ = [
+    "ALL_PASSES",
+    "Cleanup",
+    "FuseQKV",
+    "RMSNorm",
+    "SigmaReparam",
+    "FoldSigmaReparam",
+    "QKNorm",
+    "TokenMerge",
+    "TokenPrune",
+]

@@ -44,6 +44,8 @@ from ..pipeline import PassContext, PassResult
 from ..qk import locate_qk
 from ..tokens import (
     Decline,
+    check_reducible,
+    cosine_shortfall,
     merge_point,
     padding_input,
     parse_blocks,
@@ -118,6 +120,12 @@ class TokenMerge:
             raise ValueError(f"token_merge: flops must be a fraction in [0, 1), got {self.flops!r}")
         if self.protected is not None and self.protected < 0:
             raise ValueError(f"token_merge: protected must be >= 0, got {self.protected!r}")
+        try:
+            parse_blocks(self.blocks, 1000)
+        except (ValueError, Decline):
+            raise ValueError(
+                f"token_merge: blocks must be 'all', 'start:stop[:step]' or indices like '0,3', got {self.blocks!r}"
+            ) from None
         if not -1.0 <= self.min_cosine <= 1.0:
             raise ValueError(f"token_merge: min_cosine must be in [-1, 1], got {self.min_cosine!r}")
 
@@ -125,10 +133,7 @@ class TokenMerge:
         return (self.r == 0 and self.flops is None) or self.flops == 0.0
 
     def check_quality(self, measured: dict) -> str | None:
-        cos = measured.get("cosine")
-        if cos is not None and cos < self.min_cosine:
-            return f"output cosine similarity {cos:.4f} < min_cosine {self.min_cosine}"
-        return None
+        return cosine_shortfall(measured, self.min_cosine)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         try:
@@ -140,15 +145,7 @@ class TokenMerge:
         if self.is_identity():
             return PassResult(gm, False, {"merged_blocks": 0})
         anat = anatomy(gm)
-        if not anat.blocks:
-            raise Decline("no Transformer blocks found" + (f" ({'; '.join(anat.notes)})" if anat.notes else ""))
-        cores = [b.attention.core for b in anat.blocks]
-        if any(b.attention.kind != "sdpa" for b in anat.blocks):
-            raise Decline("eager attention: proportional attention is implemented as an SDPA mask only")
-        if any(c.kwargs.get("is_causal") or (len(c.args) > 5 and c.args[5]) for c in cores):
-            raise Decline("causal attention: merging tokens would mix past and future positions")
-        if any(b.parallel for b in anat.blocks):
-            raise Decline("parallel attention/MLP blocks: there is no point between attention and MLP")
+        check_reducible(gm, anat)
         padding = padding_input(gm, anat, ctx.example_inputs)
         protected = protected_count(anat) if self.protected is None else self.protected
         chosen = parse_blocks(self.blocks, len(anat.blocks))

@@ -1,0 +1,207 @@
+"""token_prune: keep the most attended tokens between attention and MLP of selected blocks (EViT, Zero-TPrune).
+
+Before (one selected block):                     After:
+    h = x + attn(norm(x), mask)                      h = x + attn(norm(x), bias(size, valid))   # proportional attn
+                                                     s = cls_attention(q, k) | pagerank(attention(q, k), valid)
+                                                     plan = txc.prune_plan(s, valid, keep, protected, fuse)
+                                                     h, size, valid, source = txc.merge_tokens(h, size, ...plan)
+    y = h + mlp(norm(h))                             y = h + mlp(norm(h))           # on p + ceil(keep·(T-p)) (+1)
+    ...                                              ...
+    out = final(y_last)                              out = final(unmerge(y_last, source))       # unmerge=true
+
+Each selected block keeps its protected tokens (CLS, DeiT's distillation token; detected, or `protected=N`) and the
+ceil(keep·n) of its n other tokens with the highest score, recomputed from the block's own q and k as the model's
+attention computes them (scale, mask, grouped-query heads), averaged over heads: `score=cls`, the attention the CLS
+token pays each token (EViT), or `score=pagerank`, weighted PageRank on the attention graph, `iters` iterations from
+uniform (Zero-TPrune, training-free). With `fuse=true` (EViT) the pruned tokens are merged into one extra token, their
+size-weighted mean; with `fuse=false` they are dropped. Token sizes are carried along and later attentions add
+log(size) to their logits (proportional attention, as in token_merge), so the fused token weighs what it stands for.
+With a padding mask (text models), padding ranks after every real token and each padded sequence keeps what it would
+keep alone. `unmerge=true` restores per-token outputs: a pruned token reads the fused token (fuse) or its nearest
+kept neighbour (no fuse). The token count stays a symbolic expression of the input length (see ops/token_prune.py).
+Declines (with a note) on causal, eager-attention and parallel blocks, and on graphs whose tokens a token_merge or
+token_prune already reduces, so a second round changes nothing.
+
+Options: `keep` (fraction of free tokens kept per selected block, (0, 1]), `blocks` ("3::3": every third block from
+the fourth, EViT's placement on 12-block ViTs; "all", "3:", "0,2,4", "start:stop:step"), `score`, `fuse`, `iters`,
+`protected`, `unmerge`, `min_cosine` (the budget verification holds the output to).
+
+Contract: approximate (identity at keep=1). Metric: cosine similarity of the outputs to the original's >= min_cosine.
+Papers: Liang et al., "Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations"
+(EViT, ICLR 2022); Wang et al., "Zero-TPrune: Zero-Shot Token Pruning through Leveraging of the Attention Graph in
+Pre-Trained Transformers" (CVPR 2024).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import fx
+
+from ..anatomy import Anatomy, Block, anatomy
+from ..ir import tensor_meta
+from ..ops.token_merge import init_token_state, size_bias
+from ..ops.token_prune import MIN_KEEP, attention_probs, pagerank, token_prune_step
+from ..pipeline import PassContext, PassResult
+from ..qk import locate_qk
+from ..tokens import (
+    Decline,
+    attn_mask,
+    check_reducible,
+    cosine_shortfall,
+    merge_point,
+    padding_input,
+    parse_blocks,
+    protected_count,
+    reads_only_leading,
+    rederive_sizes,
+    set_attn_mask,
+)
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class TokenPrune:
+    """EViT / Zero-TPrune: keep the top-scoring fraction of tokens between attention and MLP of selected blocks."""
+
+    name: ClassVar[str] = "token_prune"
+    contract: ClassVar[str] = "approximate"
+    reduces_tokens: ClassVar[bool] = True  # the report then shows the tokens per block and the FLOPs removed
+    summary: ClassVar[str] = "EViT/Zero-TPrune token pruning by attention score, pruned tokens fused or dropped"
+
+    keep: float = 0.7
+    blocks: str = "3::3"
+    score: Literal["cls", "pagerank"] = "cls"
+    fuse: bool = True
+    iters: int = 20
+    protected: int | None = None
+    unmerge: bool = True
+    min_cosine: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not MIN_KEEP <= self.keep <= 1.0:  # also rejects nan
+            raise ValueError(f"token_prune: keep must be a fraction in [{MIN_KEEP}, 1], got {self.keep!r}")
+        try:
+            parse_blocks(self.blocks, 1000)
+        except (ValueError, Decline):
+            raise ValueError(
+                f"token_prune: blocks must be 'all', 'start:stop[:step]' or indices like '0,3', got {self.blocks!r}"
+            ) from None
+        if self.score not in ("cls", "pagerank"):
+            raise ValueError(f"token_prune: score must be 'cls' or 'pagerank', got {self.score!r}")
+        if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
+            raise ValueError(f"token_prune: iters must be an integer >= 1, got {self.iters!r}")
+        if self.protected is not None and self.protected < 0:
+            raise ValueError(f"token_prune: protected must be >= 0, got {self.protected!r}")
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ValueError(f"token_prune: min_cosine must be in [-1, 1], got {self.min_cosine!r}")
+
+    def is_identity(self) -> bool:
+        return self.keep >= 1.0
+
+    def check_quality(self, measured: dict) -> str | None:
+        return cosine_shortfall(measured, self.min_cosine)
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        try:
+            return self._rewrite(gm, ctx)
+        except Decline as e:
+            return PassResult(gm, False, {"pruned_blocks": 0}, (f"token_prune not applied: {e}",))
+
+    def _rewrite(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if self.is_identity():
+            return PassResult(gm, False, {"pruned_blocks": 0})
+        anat = anatomy(gm)
+        check_reducible(gm, anat)
+        padding = padding_input(gm, anat, ctx.example_inputs)
+        protected = protected_count(anat) if self.protected is None else self.protected
+        chosen = set(parse_blocks(self.blocks, len(anat.blocks)))
+        return self._insert(gm, anat, chosen, padding, protected)
+
+    def _attention(self, block: Block, mask_is_ours: bool) -> tuple[fx.Node, fx.Node, Any, dict[str, Any]] | str:
+        """(q, k, mask, options) to recompute the block's attention probabilities with, or why it cannot be done."""
+        core = block.attention.core
+        edges = locate_qk(block.attention)
+        if isinstance(edges, str):
+            return edges
+        # SDPA's own operands, not locate_qk's edges (which walk back through scalar scales): the scores must be the
+        # probabilities this attention computes.
+        q, k = core.args[0], core.args[1]
+        vq, vk = tensor_meta(q), tensor_meta(k)
+        if vq is None or vk is None or vq.dim() != 4 or vk.dim() != 4 or vq.shape[1] % vk.shape[1]:
+            return "q and k are not [batch, heads, tokens, head size] with query heads a multiple of key heads"
+        mask = attn_mask(core)
+        meta = tensor_meta(mask)
+        if mask is not None and not mask_is_ours and (meta is None or meta.dim() < 2):
+            return "attention mask without [.., queries, keys] dims"
+        scale = core.kwargs.get("scale")
+        options = {
+            "scale": 1.0 / math.sqrt(int(vq.shape[-1])) if scale is None else float(scale),
+            "bool_mask": not mask_is_ours and meta is not None and meta.dtype == torch.bool,
+            "groups": int(vq.shape[1]) // int(vk.shape[1]),
+            "first_query": self.score == "cls",  # EViT: the attention the CLS token (query 0) pays
+        }
+        return q, k, mask, options
+
+    def _insert(
+        self, gm: fx.GraphModule, anat: Anatomy, chosen: set[int], padding: fx.Node | None, protected: int
+    ) -> PassResult:
+        graph = gm.graph
+        tracer = fx.proxy.GraphAppendingTracer(graph)
+
+        def proxy(n: fx.Node | None) -> Any:
+            return None if n is None else fx.Proxy(n, tracer)
+
+        # A classifier reading only the CLS token needs no unmerging (nor the source map that feeds it).
+        unmerge = self.unmerge and not reads_only_leading(anat.blocks[-1].stream_out, protected)
+        state: tuple[Any, Any, Any] | None = None  # (size, valid, source) proxies entering the next block
+        prunes: list[tuple[fx.Node, fx.Node]] = []  # (stream before, stream after) per pruning block
+        notes: list[str] = []
+        for block in anat.blocks:
+            core = block.attention.core
+            if state is not None:  # tokens were pruned before this block: mask padding, weigh fused tokens
+                dtype = tensor_meta(core.args[0]).dtype  # type: ignore[union-attr]
+                with graph.inserting_before(core):
+                    bias = size_bias(state[0], state[1], dtype)
+                set_attn_mask(core, bias.node)
+            if block.index not in chosen:
+                continue
+            att = self._attention(block, mask_is_ours=state is not None)
+            if isinstance(att, str):
+                notes.append(f"block {block.index}: not pruned: {att}")
+                continue
+            point = merge_point(block)
+            users = list(point.users)
+            with graph.inserting_before(point.next):
+                if state is None:
+                    valid = aten.ne.Scalar(proxy(padding), 0) if padding is not None else None
+                    state = init_token_state(proxy(point), valid, track_source=unmerge)
+                q, k, mask, options = att
+                score = attention_probs(proxy(q), proxy(k), proxy(mask), **options)
+                if self.score == "pagerank":
+                    score = pagerank(score, state[1], self.iters)
+                x, size, valid, source = token_prune_step(
+                    proxy(point), state[0], state[1], score, self.keep, protected, self.fuse, state[2]
+                )
+            for user in users:
+                user.replace_input_with(point, x.node)
+            prunes.append((point, x.node))
+            state = (size, valid, source)
+        if state is None:
+            return PassResult(gm, False, {"pruned_blocks": 0}, tuple(notes) or ("no block was selected",))
+        stop = None
+        if state[2] is not None:
+            out = anat.blocks[-1].stream_out
+            users = list(out.users)
+            with graph.inserting_before(out.next):
+                stop = torch.ops.txc.unmerge_tokens.default(proxy(out), state[2]).node
+            for user in users:
+                user.replace_input_with(out, stop)
+        rederive_sizes(graph, prunes, stop=stop)
+        stats = {"pruned_blocks": len(prunes), "keep": self.keep, "score": self.score, "fuse": self.fuse,
+                 "protected": protected, "padding_aware": padding is not None, "unmerged": unmerge}  # fmt: skip
+        return PassResult(gm, True, stats, tuple(notes))
