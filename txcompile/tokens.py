@@ -2,13 +2,15 @@
 
 Where a token-reducing rewrite goes in each block (`merge_point`), which leading tokens never leave (`protected_count`),
 which input carries the padding mask (`padding_input`), how attention's mask is read and replaced, the per-token FLOPs
-each side of the merge point costs (`token_shares`), and how token counts downstream of a reduction are re-derived
-from the reduced tensor (`rederive_sizes`), so the rewritten program still runs at other batch sizes and lengths.
+each side of the merge point costs (`token_shares`), how token counts downstream of a reduction are re-derived from
+the reduced tensor (`rederive_sizes`), so the rewritten program still runs at other batch sizes and lengths, and the
+insertion loop both passes share (`reduce_tokens`: token state, proportional attention, unmerge).
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ from torch import fx
 
 from .anatomy import Anatomy, Block
 from .ir import is_op, tensor_meta
+from .ops.token_merge import init_token_state, size_bias
 from .verify import node_values
 
 aten = torch.ops.aten
@@ -33,6 +36,7 @@ __all__ = [
     "token_shares",
     "rederive_sizes",
     "reads_only_leading",
+    "reduce_tokens",
 ]
 
 
@@ -264,3 +268,73 @@ def _full(node: fx.Node) -> bool:
     end = node.args[3] if len(node.args) > 3 else None
     step = node.args[4] if len(node.args) > 4 else 1
     return start in (0, None) and step == 1 and (end is None or (isinstance(end, int) and end >= 2**62))
+
+
+# (block, reduced before it) -> what `step` needs for the block, or why the block is left alone.
+Check = Callable[[Block, bool], Any]
+# (what check returned, proxy of a node, the stream at the merge point, (size, valid, source)) -> the reduced
+# (x, size, valid, source), as fx Proxies.
+Step = Callable[[Any, Callable[[Any], Any], Any, tuple[Any, Any, Any]], tuple[Any, Any, Any, Any]]
+
+
+def reduce_tokens(
+    gm: fx.GraphModule,
+    anat: Anatomy,
+    chosen: Iterable[int],
+    padding: fx.Node | None,
+    protected: int,
+    unmerge: bool,
+    check: Check,
+    step: Step,
+) -> tuple[int, list[str], bool]:
+    """Insert a token reduction at the merge point of each chosen block, and what every reduction needs around it:
+    the token state (size, valid, source) starting at the first one, proportional attention in every later block,
+    the unmerge after the last block (unless the outputs read only the protected tokens), and the token counts
+    re-derived downstream. Returns (blocks reduced, notes, whether outputs are unmerged); nothing changes if 0."""
+    graph = gm.graph
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+
+    def proxy(n: Any) -> Any:
+        return fx.Proxy(n, tracer) if isinstance(n, fx.Node) else n
+
+    chosen = set(chosen)
+    unmerge = unmerge and not reads_only_leading(anat.blocks[-1].stream_out, protected)
+    state: tuple[Any, Any, Any] | None = None  # (size, valid, source) proxies entering the next block
+    done: list[tuple[fx.Node, fx.Node]] = []  # (stream before, stream after) per reduction
+    notes: list[str] = []
+    for block in anat.blocks:
+        core = block.attention.core
+        if state is not None:  # tokens were reduced before this block: padding masked, sizes weigh the keys
+            dtype = tensor_meta(core.args[0]).dtype  # type: ignore[union-attr]
+            with graph.inserting_before(core):
+                bias = size_bias(state[0], state[1], dtype)
+            set_attn_mask(core, bias.node)
+        if block.index not in chosen:
+            continue
+        plan = check(block, state is not None)
+        if isinstance(plan, str):
+            notes.append(f"block {block.index}: left alone: {plan}")
+            continue
+        point = merge_point(block)
+        users = list(point.users)
+        with graph.inserting_before(point.next):
+            if state is None:
+                valid = aten.ne.Scalar(proxy(padding), 0) if padding is not None else None
+                state = init_token_state(proxy(point), valid, track_source=unmerge)
+            x, size, valid, source = step(plan, proxy, proxy(point), state)
+        for user in users:
+            user.replace_input_with(point, x.node)
+        done.append((point, x.node))
+        state = (size, valid, source)
+    if state is None:
+        return 0, notes or ["no block was selected"], False
+    stop = None
+    if unmerge:
+        out = anat.blocks[-1].stream_out
+        users = list(out.users)
+        with graph.inserting_before(out.next):
+            stop = torch.ops.txc.unmerge_tokens.default(proxy(out), state[2]).node
+        for user in users:
+            user.replace_input_with(out, stop)
+    rederive_sizes(graph, done, stop=stop)
+    return len(done), notes, unmerge

@@ -39,20 +39,17 @@ from torch import fx
 from ..anatomy import Anatomy, Block, anatomy
 from ..cost import example_shape
 from ..ir import tensor_meta
-from ..ops.token_merge import init_token_state, merged_count, size_bias, token_merge_step
+from ..ops.token_merge import merged_count, token_merge_step
 from ..pipeline import PassContext, PassResult
 from ..qk import locate_qk
 from ..tokens import (
     Decline,
     check_reducible,
     cosine_shortfall,
-    merge_point,
     padding_input,
     parse_blocks,
     protected_count,
-    reads_only_leading,
-    rederive_sizes,
-    set_attn_mask,
+    reduce_tokens,
     token_shares,
 )
 
@@ -162,58 +159,19 @@ class TokenMerge:
     def _insert(
         self, gm: fx.GraphModule, anat: Anatomy, per_block: dict[int, int], padding: fx.Node | None, protected: int
     ) -> PassResult:
-        graph = gm.graph
-        tracer = fx.proxy.GraphAppendingTracer(graph)
-
-        def proxy(n: fx.Node | None) -> Any:
-            return None if n is None else fx.Proxy(n, tracer)
-
-        # A classifier reading only the CLS token needs no unmerging (nor the source map that feeds it).
-        unmerge = self.unmerge and not reads_only_leading(anat.blocks[-1].stream_out, protected)
-        state: tuple[Any, Any, Any] | None = None  # (size, valid, source) proxies entering the next block
-        merges: list[tuple[fx.Node, fx.Node]] = []  # (stream before, stream after) per merge
-        notes: list[str] = []
-        for block in anat.blocks:
-            core = block.attention.core
-            if state is not None:  # tokens were merged before this block: proportional attention
-                dtype = tensor_meta(core.args[0]).dtype  # type: ignore[union-attr]
-                with graph.inserting_before(core):
-                    bias = size_bias(state[0], state[1], dtype)
-                set_attn_mask(core, bias.node)
-            r = per_block.get(block.index, 0)
-            if r <= 0:
-                continue
+        def check(block: Block, reduced_before: bool) -> Any:
             edges = locate_qk(block.attention)
-            if isinstance(edges, str):
-                notes.append(f"block {block.index}: not merged: {edges}")
-                continue
-            point = merge_point(block)
-            key = edges[1][0]
-            users = list(point.users)
-            with graph.inserting_before(point.next):
-                if state is None:
-                    valid = None
-                    if padding is not None:
-                        valid = aten.ne.Scalar(proxy(padding), 0)
-                    state = init_token_state(proxy(point), valid, track_source=unmerge)
-                metric = _metric(self.metric, proxy(key), proxy(point))
-                x, size, valid, source = token_merge_step(proxy(point), *state[:2], metric, r, protected, state[2])
-            for user in users:
-                user.replace_input_with(point, x.node)
-            merges.append((point, x.node))
-            state = (size, valid, source)
-        if state is None:
-            return PassResult(gm, False, {"merged_blocks": 0}, tuple(notes) or ("no block was selected",))
-        if unmerge and state[2] is not None:
-            out = anat.blocks[-1].stream_out
-            users = list(out.users)
-            with graph.inserting_before(out.next):
-                full = torch.ops.txc.unmerge_tokens.default(proxy(out), state[2])
-            for user in users:
-                user.replace_input_with(out, full.node)
-            rederive_sizes(graph, merges, stop=full.node)
-        else:
-            rederive_sizes(graph, merges, stop=None)
-        stats = {"merged_blocks": len(merges), "r": max(per_block.values()), "protected": protected,
-                 "padding_aware": padding is not None, "unmerged": unmerge}  # fmt: skip
+            return edges if isinstance(edges, str) else (edges[1][0], per_block[block.index])
+
+        def step(plan: Any, proxy: Any, point: Any, state: tuple[Any, Any, Any]) -> tuple[Any, Any, Any, Any]:
+            key, r = plan
+            metric = _metric(self.metric, proxy(key), point)
+            return token_merge_step(point, state[0], state[1], metric, r, protected, state[2])
+
+        chosen = [i for i, r in per_block.items() if r > 0]
+        merged, notes, unmerged = reduce_tokens(gm, anat, chosen, padding, protected, self.unmerge, check, step)
+        if not merged:
+            return PassResult(gm, False, {"merged_blocks": 0}, tuple(notes))
+        stats = {"merged_blocks": merged, "r": max(per_block.values()), "protected": protected,
+                 "padding_aware": padding is not None, "unmerged": unmerged}  # fmt: skip
         return PassResult(gm, True, stats, tuple(notes))

@@ -43,7 +43,6 @@ from torch import fx
 
 from ..anatomy import Anatomy, Block, anatomy
 from ..ir import tensor_meta
-from ..ops.token_merge import init_token_state, size_bias
 from ..ops.token_prune import MIN_KEEP, attention_probs, pagerank, token_prune_step
 from ..pipeline import PassContext, PassResult
 from ..qk import locate_qk
@@ -52,13 +51,10 @@ from ..tokens import (
     attn_mask,
     check_reducible,
     cosine_shortfall,
-    merge_point,
     padding_input,
     parse_blocks,
     protected_count,
-    reads_only_leading,
-    rederive_sizes,
-    set_attn_mask,
+    reduce_tokens,
 )
 
 aten = torch.ops.aten
@@ -150,58 +146,18 @@ class TokenPrune:
     def _insert(
         self, gm: fx.GraphModule, anat: Anatomy, chosen: set[int], padding: fx.Node | None, protected: int
     ) -> PassResult:
-        graph = gm.graph
-        tracer = fx.proxy.GraphAppendingTracer(graph)
+        def step(plan: Any, proxy: Any, point: Any, state: tuple[Any, Any, Any]) -> tuple[Any, Any, Any, Any]:
+            q, k, mask, options = plan
+            score = attention_probs(proxy(q), proxy(k), proxy(mask), **options)
+            if self.score == "pagerank":
+                score = pagerank(score, state[1], self.iters)
+            return token_prune_step(point, state[0], state[1], score, self.keep, protected, self.fuse, state[2])
 
-        def proxy(n: fx.Node | None) -> Any:
-            return None if n is None else fx.Proxy(n, tracer)
-
-        # A classifier reading only the CLS token needs no unmerging (nor the source map that feeds it).
-        unmerge = self.unmerge and not reads_only_leading(anat.blocks[-1].stream_out, protected)
-        state: tuple[Any, Any, Any] | None = None  # (size, valid, source) proxies entering the next block
-        prunes: list[tuple[fx.Node, fx.Node]] = []  # (stream before, stream after) per pruning block
-        notes: list[str] = []
-        for block in anat.blocks:
-            core = block.attention.core
-            if state is not None:  # tokens were pruned before this block: mask padding, weigh fused tokens
-                dtype = tensor_meta(core.args[0]).dtype  # type: ignore[union-attr]
-                with graph.inserting_before(core):
-                    bias = size_bias(state[0], state[1], dtype)
-                set_attn_mask(core, bias.node)
-            if block.index not in chosen:
-                continue
-            att = self._attention(block, mask_is_ours=state is not None)
-            if isinstance(att, str):
-                notes.append(f"block {block.index}: not pruned: {att}")
-                continue
-            point = merge_point(block)
-            users = list(point.users)
-            with graph.inserting_before(point.next):
-                if state is None:
-                    valid = aten.ne.Scalar(proxy(padding), 0) if padding is not None else None
-                    state = init_token_state(proxy(point), valid, track_source=unmerge)
-                q, k, mask, options = att
-                score = attention_probs(proxy(q), proxy(k), proxy(mask), **options)
-                if self.score == "pagerank":
-                    score = pagerank(score, state[1], self.iters)
-                x, size, valid, source = token_prune_step(
-                    proxy(point), state[0], state[1], score, self.keep, protected, self.fuse, state[2]
-                )
-            for user in users:
-                user.replace_input_with(point, x.node)
-            prunes.append((point, x.node))
-            state = (size, valid, source)
-        if state is None:
-            return PassResult(gm, False, {"pruned_blocks": 0}, tuple(notes) or ("no block was selected",))
-        stop = None
-        if state[2] is not None:
-            out = anat.blocks[-1].stream_out
-            users = list(out.users)
-            with graph.inserting_before(out.next):
-                stop = torch.ops.txc.unmerge_tokens.default(proxy(out), state[2]).node
-            for user in users:
-                user.replace_input_with(out, stop)
-        rederive_sizes(graph, prunes, stop=stop)
-        stats = {"pruned_blocks": len(prunes), "keep": self.keep, "score": self.score, "fuse": self.fuse,
-                 "protected": protected, "padding_aware": padding is not None, "unmerged": unmerge}  # fmt: skip
+        pruned, notes, unmerged = reduce_tokens(
+            gm, anat, chosen, padding, protected, self.unmerge, lambda b, before: self._attention(b, before), step
+        )
+        if not pruned:
+            return PassResult(gm, False, {"pruned_blocks": 0}, tuple(notes))
+        stats = {"pruned_blocks": pruned, "keep": self.keep, "score": self.score, "fuse": self.fuse,
+                 "protected": protected, "padding_aware": padding is not None, "unmerged": unmerged}  # fmt: skip
         return PassResult(gm, True, stats, tuple(notes))
