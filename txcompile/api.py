@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import fx, nn
 
 from .backends import get_backend
@@ -16,7 +15,7 @@ from .errors import InputError, VerificationError
 from .pipeline import Pass, PassContext, Pipeline, effective_contract, spec_of
 from .registry import resolve_passes
 from .report import Report
-from .verify import compare, first_divergence, run_program
+from .verify import compare, first_divergence, output_cosine, run_program
 
 __all__ = ["optimize", "OptimizedModule"]
 
@@ -84,22 +83,15 @@ class _Verifier:
                 max_abs=step.max_abs,
             )
         if contract == "retrain":
-            result["cosine"] = _cosine(self.reference, out)
+            result["cosine"] = output_cosine(self.reference, out)
         if contract == "approximate":
-            result["cosine"] = _cosine(self.reference, out)
+            result["cosine"] = output_cosine(self.reference, out)
             check = getattr(p, "check_quality", None)
             problem = check(result) if callable(check) else None
             if problem:
                 raise VerificationError(f"pass '{spec_of(p)}' exceeded its budget: {problem}", pass_name=p.name)
         self.previous = out
         return result
-
-
-def _cosine(a: Any, b: Any) -> float:
-    la = [x.detach().double().flatten() for x in torch.utils._pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
-    lb = [x.detach().double().flatten() for x in torch.utils._pytree.tree_leaves(b) if isinstance(x, torch.Tensor)]
-    va, vb = torch.cat(la), torch.cat(lb)
-    return float(torch.nn.functional.cosine_similarity(va, vb, dim=0))
 
 
 def optimize(

@@ -102,6 +102,15 @@ def compare(expected: Any, actual: Any, *, scale: float = 1.0) -> Comparison:
     return worst
 
 
+def output_cosine(expected: Any, actual: Any) -> float:
+    """Cosine similarity of all output tensors, flattened and concatenated: the approximate contract's metric."""
+    flat = [
+        torch.cat([x.detach().double().flatten() for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)])
+        for out in (expected, actual)
+    ]
+    return float(torch.nn.functional.cosine_similarity(flat[0], flat[1], dim=0))
+
+
 def run_program(fn: Any, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
     """Call a model or GraphModule on (args, kwargs) without autograd."""
     args, kwargs = inputs

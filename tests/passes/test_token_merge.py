@@ -130,3 +130,24 @@ def test_other_similarity_metrics(metric):
     assert opt.report.records[0].stats["merged_blocks"] == 2
     with pytest.raises(txc.SpecError, match="metric"):
         txc.parse_spec("token_merge:metric=values")
+
+
+def test_auto_picks_the_largest_r_within_the_budget():
+    model = reference.build("vit", depth=3)
+    inputs = model.example_inputs()
+    opt = txc.optimize(model, ["token_merge:auto=true,min_cosine=0.995"], example_inputs=inputs)
+    record = opt.report.records[0]
+    r = record.stats["r"]
+    assert record.modified and r >= 1 and record.error["cosine"] >= 0.995
+    # One more token per block breaks the budget (the bisection's answer is the largest that holds).
+    with pytest.raises(txc.VerificationError, match="min_cosine"):
+        txc.optimize(model, [f"token_merge:r={r + 1},min_cosine=0.995"], example_inputs=inputs)
+
+
+def test_merged_programs_compile_with_torch_compile():
+    model = reference.build("vit", depth=2)
+    opt = txc.optimize(model, ["token_merge:r=3,min_cosine=0"], example_inputs=model.example_inputs())
+    compiled = torch.compile(opt.graph_module)
+    for batch in (2, 5):
+        inputs = model.example_inputs(batch=batch)
+        torch.testing.assert_close(compiled(*inputs), opt(*inputs), atol=1e-5, rtol=1e-4)

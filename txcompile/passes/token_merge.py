@@ -22,7 +22,8 @@ same total), `flops` (a target fraction of the token-layer FLOPs to remove at th
 ("all", "3:", "0,2,4"), `protected`, `unmerge`, `metric` (what similarity is measured on: `keys` averaged over heads
 as in ToMe; `keys_concat`, all heads' keys side by side, which kept all-MiniLM-L6-v2's sentence embeddings closer in
 our measurements, see benchmarks/token_reduction.py; or `hidden`, the residual stream), `min_cosine` (the budget
-verification holds the output to).
+verification holds the output to), `auto` (pick the largest r that keeps `min_cosine` on the example inputs and
+calibration data, by bisection; `schedule` and `blocks` still apply, `r` and `flops` are ignored).
 
 Contract: approximate (identity at r=0). Metric: cosine similarity of the outputs to the original's >= min_cosine.
 Paper: Bolya et al., "Token Merging: Your ViT but Faster" (ICLR 2023); proportional attention from the same paper.
@@ -38,10 +39,11 @@ from torch import fx
 
 from ..anatomy import Anatomy, Block, anatomy
 from ..cost import example_shape
-from ..ir import tensor_meta
+from ..ir import copy_graph_module, tensor_meta
 from ..ops.token_merge import merged_count, token_merge_step
 from ..pipeline import PassContext, PassResult
 from ..qk import locate_qk
+from ..verify import output_cosine, run_program
 from ..tokens import (
     Decline,
     check_reducible,
@@ -108,6 +110,7 @@ class TokenMerge:
     protected: int | None = None
     unmerge: bool = True
     metric: Literal["keys", "keys_concat", "hidden"] = "keys"
+    auto: bool = False
     min_cosine: float = 0.9
 
     def __post_init__(self) -> None:
@@ -127,7 +130,7 @@ class TokenMerge:
             raise ValueError(f"token_merge: min_cosine must be in [-1, 1], got {self.min_cosine!r}")
 
     def is_identity(self) -> bool:
-        return (self.r == 0 and self.flops is None) or self.flops == 0.0
+        return not self.auto and ((self.r == 0 and self.flops is None) or self.flops == 0.0)
 
     def check_quality(self, measured: dict) -> str | None:
         return cosine_shortfall(measured, self.min_cosine)
@@ -150,11 +153,38 @@ class TokenMerge:
         if tokens is None:
             raise Decline("no shape metadata on the residual stream")
         r = self.r
-        if self.flops is not None:
-            seq = example_shape(gm, anat)[1] if isinstance(tokens.shape[1], torch.SymInt) else int(tokens.shape[1])
+        seq = example_shape(gm, anat)[1] if isinstance(tokens.shape[1], torch.SymInt) else int(tokens.shape[1])
+        if self.auto:
+            r = self._largest_r(gm, ctx, chosen, padding, protected, seq)
+            if r == 0:
+                raise Decline(f"even r=1 falls below min_cosine={self.min_cosine} on the example inputs")
+        elif self.flops is not None:
             r = r_for_flops(self.flops, list(anat.blocks), chosen, seq, protected, self.schedule)
         per_block = dict(zip(chosen, schedule(r, self.schedule, len(chosen))))
         return self._insert(gm, anat, per_block, padding, protected)
+
+    def _largest_r(
+        self, gm: fx.GraphModule, ctx: PassContext, chosen: list[int], padding: fx.Node | None, protected: int, seq: int
+    ) -> int:
+        """auto: the largest r whose program keeps the output cosine >= min_cosine on the example inputs (and the
+        calibration data, if any), by bisection: the quality falls as r grows."""
+        batches = [ctx.example_inputs, *(ctx.calibration_data or ())]
+        reference = [run_program(gm, b) for b in batches]
+
+        def holds(r: int) -> bool:
+            trial = copy_graph_module(gm)
+            pad = next(n for n in trial.graph.nodes if n.name == padding.name) if padding is not None else None
+            per_block = dict(zip(chosen, schedule(r, self.schedule, len(chosen))))
+            self._insert(trial, anatomy(trial), per_block, pad, protected)
+            trial.recompile()
+            outputs = (run_program(trial, b) for b in batches)
+            return all(output_cosine(ref, out) >= self.min_cosine for ref, out in zip(reference, outputs))
+
+        lo, hi = 0, max(1, (seq - protected) // 2)  # r = lo holds; beyond hi a block has nothing left to merge
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if holds(mid) else (lo, mid - 1)
+        return lo
 
     def _insert(
         self, gm: fx.GraphModule, anat: Anatomy, per_block: dict[int, int], padding: fx.Node | None, protected: int
