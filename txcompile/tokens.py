@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import fx
 
-from .anatomy import Anatomy, Block
+from .anatomy import Anatomy, Block, anatomy
 from .ir import is_op, tensor_meta
 from .ops.token_merge import init_token_state, size_bias
+from .pipeline import PassContext, PassResult
 from .verify import node_values
 
 aten = torch.ops.aten
@@ -26,7 +27,7 @@ aten = torch.ops.aten
 __all__ = [
     "Decline",
     "check_reducible",
-    "cosine_shortfall",
+    "TokenReducer",
     "parse_blocks",
     "merge_point",
     "protected_count",
@@ -82,12 +83,58 @@ def check_reducible(gm: fx.GraphModule, anat: Anatomy) -> None:
         raise Decline("no shape metadata on the residual stream")
 
 
-def cosine_shortfall(measured: dict, min_cosine: float) -> str | None:
-    """A token reduction's quality check: the verifier's output cosine against the pass's budget."""
-    cos = measured.get("cosine")
-    if cos is not None and cos < min_cosine:
-        return f"output cosine similarity {cos:.4f} < min_cosine {min_cosine}"
-    return None
+class TokenReducer:
+    """What `token_merge` and `token_prune` share as passes: option checks for `blocks`, `protected` and
+    `min_cosine`, the quality budget, and the driver that checks the graph, finds the padding input, the protected
+    count and the chosen blocks, then calls the subclass's `_reduce`. A Decline becomes an unchanged graph and a
+    note. Subclasses are frozen dataclasses with those three fields and `name`, `count_stat`, `is_identity`."""
+
+    reduces_tokens: ClassVar[bool] = True  # the report then shows the tokens per block and the FLOPs removed
+    name: ClassVar[str]
+    count_stat: ClassVar[str]  # the stat counting reduced blocks ("merged_blocks")
+    blocks: str
+    protected: int | None
+    min_cosine: float
+
+    def is_identity(self) -> bool:
+        raise NotImplementedError
+
+    def _reduce(
+        self, gm: fx.GraphModule, ctx: PassContext, anat: Anatomy, chosen: list[int], padding: fx.Node | None,
+        protected: int,
+    ) -> PassResult:  # fmt: skip
+        raise NotImplementedError
+
+    def _check_shared_options(self) -> None:
+        try:
+            parse_blocks(self.blocks, 1000)
+        except (ValueError, Decline):
+            raise ValueError(
+                f"{self.name}: blocks must be 'all', 'start:stop[:step]' or indices like '0,3', got {self.blocks!r}"
+            ) from None
+        if self.protected is not None and self.protected < 0:
+            raise ValueError(f"{self.name}: protected must be >= 0, got {self.protected!r}")
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ValueError(f"{self.name}: min_cosine must be in [-1, 1], got {self.min_cosine!r}")
+
+    def check_quality(self, measured: dict) -> str | None:
+        cos = measured.get("cosine")
+        if cos is not None and cos < self.min_cosine:
+            return f"output cosine similarity {cos:.4f} < min_cosine {self.min_cosine}"
+        return None
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if self.is_identity():
+            return PassResult(gm, False, {self.count_stat: 0})
+        try:
+            anat = anatomy(gm)
+            check_reducible(gm, anat)
+            padding = padding_input(gm, anat, ctx.example_inputs)
+            protected = protected_count(anat) if self.protected is None else self.protected
+            chosen = parse_blocks(self.blocks, len(anat.blocks))
+            return self._reduce(gm, ctx, anat, chosen, padding, protected)
+        except Decline as e:
+            return PassResult(gm, False, {self.count_stat: 0}, (f"{self.name} not applied: {e}",))
 
 
 def merge_point(block: Block) -> fx.Node:

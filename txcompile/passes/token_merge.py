@@ -46,11 +46,7 @@ from ..qk import locate_qk
 from ..verify import output_cosine, run_program
 from ..tokens import (
     Decline,
-    check_reducible,
-    cosine_shortfall,
-    padding_input,
-    parse_blocks,
-    protected_count,
+    TokenReducer,
     reduce_tokens,
     token_shares,
 )
@@ -95,12 +91,12 @@ def _metric(kind: str, key: Any, stream: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class TokenMerge:
+class TokenMerge(TokenReducer):
     """ToMe: merge the r most similar token pairs between attention and MLP of each block (bipartite matching)."""
 
     name: ClassVar[str] = "token_merge"
     contract: ClassVar[str] = "approximate"
-    reduces_tokens: ClassVar[bool] = True  # the report then shows the tokens per block and the FLOPs removed
+    count_stat: ClassVar[str] = "merged_blocks"
     summary: ClassVar[str] = "ToMe bipartite soft matching: r tokens merged per block, proportional attention"
 
     r: int = 8
@@ -118,40 +114,17 @@ class TokenMerge:
             raise ValueError(f"token_merge: r must be an integer >= 0, got {self.r!r}")
         if self.flops is not None and not 0.0 <= self.flops < 1.0:
             raise ValueError(f"token_merge: flops must be a fraction in [0, 1), got {self.flops!r}")
-        if self.protected is not None and self.protected < 0:
-            raise ValueError(f"token_merge: protected must be >= 0, got {self.protected!r}")
-        try:
-            parse_blocks(self.blocks, 1000)
-        except (ValueError, Decline):
-            raise ValueError(
-                f"token_merge: blocks must be 'all', 'start:stop[:step]' or indices like '0,3', got {self.blocks!r}"
-            ) from None
-        if not -1.0 <= self.min_cosine <= 1.0:
-            raise ValueError(f"token_merge: min_cosine must be in [-1, 1], got {self.min_cosine!r}")
+        self._check_shared_options()
 
     def is_identity(self) -> bool:
         return not self.auto and ((self.r == 0 and self.flops is None) or self.flops == 0.0)
 
-    def check_quality(self, measured: dict) -> str | None:
-        return cosine_shortfall(measured, self.min_cosine)
-
-    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        try:
-            return self._rewrite(gm, ctx)
-        except Decline as e:
-            return PassResult(gm, False, {"merged_blocks": 0}, (f"token_merge not applied: {e}",))
-
-    def _rewrite(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if self.is_identity():
-            return PassResult(gm, False, {"merged_blocks": 0})
-        anat = anatomy(gm)
-        check_reducible(gm, anat)
-        padding = padding_input(gm, anat, ctx.example_inputs)
-        protected = protected_count(anat) if self.protected is None else self.protected
-        chosen = parse_blocks(self.blocks, len(anat.blocks))
+    def _reduce(
+        self, gm: fx.GraphModule, ctx: PassContext, anat: Anatomy, chosen: list[int], padding: fx.Node | None,
+        protected: int,
+    ) -> PassResult:  # fmt: skip
         tokens = tensor_meta(anat.blocks[0].stream_in)
-        if tokens is None:
-            raise Decline("no shape metadata on the residual stream")
+        assert tokens is not None  # check_reducible saw it
         r = self.r
         seq = example_shape(gm, anat)[1] if isinstance(tokens.shape[1], torch.SymInt) else int(tokens.shape[1])
         if self.auto:

@@ -41,19 +41,14 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import fx
 
-from ..anatomy import Anatomy, Block, anatomy
+from ..anatomy import Anatomy, Block
 from ..ir import tensor_meta
 from ..ops.token_prune import MIN_KEEP, attention_probs, pagerank, token_prune_step
 from ..pipeline import PassContext, PassResult
 from ..qk import locate_qk
 from ..tokens import (
-    Decline,
+    TokenReducer,
     attn_mask,
-    check_reducible,
-    cosine_shortfall,
-    padding_input,
-    parse_blocks,
-    protected_count,
     reduce_tokens,
 )
 
@@ -61,12 +56,12 @@ aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
-class TokenPrune:
+class TokenPrune(TokenReducer):
     """EViT / Zero-TPrune: keep the top-scoring fraction of tokens between attention and MLP of selected blocks."""
 
     name: ClassVar[str] = "token_prune"
     contract: ClassVar[str] = "approximate"
-    reduces_tokens: ClassVar[bool] = True  # the report then shows the tokens per block and the FLOPs removed
+    count_stat: ClassVar[str] = "pruned_blocks"
     summary: ClassVar[str] = "EViT/Zero-TPrune token pruning by attention score, pruned tokens fused or dropped"
 
     keep: float = 0.7
@@ -81,42 +76,20 @@ class TokenPrune:
     def __post_init__(self) -> None:
         if not MIN_KEEP <= self.keep <= 1.0:  # also rejects nan
             raise ValueError(f"token_prune: keep must be a fraction in [{MIN_KEEP}, 1], got {self.keep!r}")
-        try:
-            parse_blocks(self.blocks, 1000)
-        except (ValueError, Decline):
-            raise ValueError(
-                f"token_prune: blocks must be 'all', 'start:stop[:step]' or indices like '0,3', got {self.blocks!r}"
-            ) from None
         if self.score not in ("cls", "pagerank"):
             raise ValueError(f"token_prune: score must be 'cls' or 'pagerank', got {self.score!r}")
         if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
             raise ValueError(f"token_prune: iters must be an integer >= 1, got {self.iters!r}")
-        if self.protected is not None and self.protected < 0:
-            raise ValueError(f"token_prune: protected must be >= 0, got {self.protected!r}")
-        if not -1.0 <= self.min_cosine <= 1.0:
-            raise ValueError(f"token_prune: min_cosine must be in [-1, 1], got {self.min_cosine!r}")
+        self._check_shared_options()
 
     def is_identity(self) -> bool:
         return self.keep >= 1.0
 
-    def check_quality(self, measured: dict) -> str | None:
-        return cosine_shortfall(measured, self.min_cosine)
-
-    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        try:
-            return self._rewrite(gm, ctx)
-        except Decline as e:
-            return PassResult(gm, False, {"pruned_blocks": 0}, (f"token_prune not applied: {e}",))
-
-    def _rewrite(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if self.is_identity():
-            return PassResult(gm, False, {"pruned_blocks": 0})
-        anat = anatomy(gm)
-        check_reducible(gm, anat)
-        padding = padding_input(gm, anat, ctx.example_inputs)
-        protected = protected_count(anat) if self.protected is None else self.protected
-        chosen = set(parse_blocks(self.blocks, len(anat.blocks)))
-        return self._insert(gm, anat, chosen, padding, protected)
+    def _reduce(
+        self, gm: fx.GraphModule, ctx: PassContext, anat: Anatomy, chosen: list[int], padding: fx.Node | None,
+        protected: int,
+    ) -> PassResult:  # fmt: skip
+        return self._insert(gm, anat, set(chosen), padding, protected)
 
     def _attention(self, block: Block, mask_is_ours: bool) -> tuple[fx.Node, fx.Node, Any, dict[str, Any]] | str:
         """(q, k, mask, options) to recompute the block's attention probabilities with, or why it cannot be done."""
