@@ -159,6 +159,7 @@ def optimize(
     reducing = {p.name for p in pass_list if getattr(p, "reduces_tokens", False)}
     if any(r.modified and r.name in reducing for r in records):
         report.tokens = token_summary(captured, gm)
+    report.quant = ctx.scratch.get("quantize")
     report.seconds["passes"] = time.perf_counter() - t
     t = time.perf_counter()
     step(f"lower to {be.name}")

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,26 +29,6 @@ def _console() -> Any:
     from rich.console import Console
 
     return Console(stderr=True)
-
-
-def _median_seconds(fns: Sequence[Callable[..., Any]], inputs: Any, repeats: int = 10) -> list[float]:
-    """Median latency of each fn on `inputs`, timed round-robin so background load hits all of them alike."""
-    import torch
-
-    from .capture import normalize_inputs
-
-    args, kwargs = normalize_inputs(inputs)
-    times: list[list[float]] = [[] for _ in fns]
-    with torch.no_grad():
-        for fn in fns:
-            for _ in range(2):
-                fn(*args, **kwargs)
-        for _ in range(repeats):
-            for fn, bucket in zip(fns, times):
-                start = time.perf_counter()
-                fn(*args, **kwargs)
-                bucket.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def _timing_inputs(source: Any) -> Any:
@@ -69,10 +47,11 @@ def _speed_table(source: Any, opt: Any) -> tuple[str, dict[str, float]]:
 
     from .capture import eval_mode
     from .report import render_table
+    from .timing import median_seconds
 
     inputs = _timing_inputs(source)
     with eval_mode(source.model):
-        base, new = _median_seconds([source.model, opt], inputs)
+        base, new = median_seconds([source.model, opt], inputs)
     shape = "x".join(str(s) for s in next(iter(inputs.values() if isinstance(inputs, dict) else inputs)).shape)
     rows = [
         ["original (eager)", f"{base * 1000:.1f} ms", "1.00x"],

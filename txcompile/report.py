@@ -10,7 +10,7 @@ from .backends.base import Fallback
 from .capture import CaptureInfo
 from .pipeline import PassRecord
 
-__all__ = ["Report", "render_table"]
+__all__ = ["Report", "quant_table", "render_table"]
 
 
 @dataclass
@@ -27,6 +27,9 @@ class Report:
     # Set when a pass changed the token count: tokens entering each block and the blocks' FLOPs before and after, as
     # expressions (B batch, T input tokens) and at the example shape.
     tokens: dict[str, Any] | None = None
+    # Set by `quantize`: scheme, method, per-layer records (bits, calibration and output errors, kernel times, bytes)
+    # and the whole program's measured and predicted speed.
+    quant: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -38,6 +41,7 @@ class Report:
             "fallbacks": [asdict(f) for f in self.fallbacks],
             "seconds": self.seconds,
             "tokens": self.tokens,
+            "quant": self.quant,
         }
 
     def __str__(self) -> str:
@@ -68,6 +72,8 @@ class Report:
                 f"{tk['flops_after_at'] / 1e9:.3g} G ({cut:.1%} removed)"
                 + (f"; after: {tk['flops_after']}" if len(tk["flops_after"]) < 160 else "")
             )
+        if self.quant is not None:
+            text += "\n" + quant_table(self.quant)
         if self.fallbacks:
             text += f"\n{len(self.fallbacks)} node(s) run as plain ATen: " + ", ".join(
                 f"{f.node} ({f.op}: {f.reason})" for f in self.fallbacks[:10]
@@ -115,3 +121,28 @@ def _capture_note(info: CaptureInfo) -> str:
     dyn = [f"{s.name}[{','.join(map(str, s.dynamic))}]" for s in info.inputs if s.dynamic]
     note = f"{info.model}; dynamic dims: {', '.join(dyn) if dyn else 'none'}"
     return note + "".join(f"; {w}" for w in info.warnings)
+
+
+def quant_table(q: dict[str, Any]) -> str:
+    """The per-layer table of a quantized program, with its weight bytes and measured speed."""
+    rows = []
+    for r in q["layers"]:
+        bits = f"w{r['weight_bits']}" + (f"a{r['act_bits']}" if r.get("act_bits") else "")
+        times = f"{r['float_ms']:.2f} -> {r['quant_ms']:.2f}" if "quant_ms" in r else "-"
+        extra = ", ".join(x for x in (f"+{r['activation']}" if r["activation"] != "none" else "",
+                                      f"{r['outliers']} fp cols" if r.get("outliers") else "") if x)  # fmt: skip
+        calib = f"{r['calib_err']:.2%}" if r.get("calib_err") is not None else "-"
+        alpha = "-" if r.get("alpha") is None else f"{r['alpha']:g}"
+        out = f"{r['out_err']:.2%}" if "out_err" in r else "-"
+        rows.append([r["layer"], bits, r["fold"], alpha, calib, out, times, extra])
+    q_bytes = sum(r["weight_bytes"] for r in q["layers"])
+    f_bytes = sum(r["float_weight_bytes"] for r in q["layers"])
+    title = (f"quantize: scheme={q['scheme']} method={q['method']}; weights {f_bytes / 2**20:.2f} MiB -> "
+             f"{q_bytes / 2**20:.2f} MiB ({q_bytes / max(f_bytes, 1):.2f}x)")  # fmt: skip
+    header = ["layer", "bits", "reparam", "alpha", "act quant err", "output err", "kernel ms (float -> quant)", ""]
+    text = render_table(title, header, rows)
+    speed = q.get("speed")
+    if speed:
+        text += (f"\nspeed on the example inputs: {speed['before_ms']:.1f} ms -> {speed['after_ms']:.1f} ms, measured "
+                 f"{speed['measured']:.2f}x, predicted from the layer times {speed['predicted']:.2f}x")  # fmt: skip
+    return text

@@ -6,12 +6,13 @@ from .cleanup import Cleanup
 from .fold_sigma_reparam import FoldSigmaReparam
 from .fuse_qkv import FuseQKV
 from .qk_norm import QKNorm
+from .quantize import Quantize
 from .rmsnorm import RMSNorm
 from .sigma_reparam import SigmaReparam
 from .token_merge import TokenMerge
 from .token_prune import TokenPrune
 
-ALL_PASSES = (Cleanup, FuseQKV, RMSNorm, SigmaReparam, FoldSigmaReparam, QKNorm, TokenMerge, TokenPrune)
+ALL_PASSES = (Cleanup, FuseQKV, RMSNorm, SigmaReparam, FoldSigmaReparam, QKNorm, TokenMerge, TokenPrune, Quantize)
 
 __all__ = [
     "ALL_PASSES",
@@ -23,4 +24,5 @@ __all__ = [
     "QKNorm",
     "TokenMerge",
     "TokenPrune",
+    "Quantize",
 ]
