@@ -141,6 +141,14 @@ def quant_table(q: dict[str, Any]) -> str:
              f"{q_bytes / 2**20:.2f} MiB ({q_bytes / max(f_bytes, 1):.2f}x)")  # fmt: skip
     header = ["layer", "bits", "reparam", "alpha", "act quant err", "output err", "kernel ms (float -> quant)", ""]
     text = render_table(title, header, rows)
+    soft = q.get("softmax")
+    if soft and soft["blocks"]:
+        b = soft["blocks"]
+        text += (f"\nattention probabilities: log2, {soft['bits']} bits, in {len(b)} blocks; on the example inputs "
+                 f"{sum(x['rel_l1'] for x in b) / len(b):.2%} of each row's mass moved, "
+                 f"{max(x['underflow'] for x in b):.2%} of probabilities underflow to 0 (worst block), "
+                 f"row sums {min(x['row_sum_min'] for x in b):.3f}..{max(x['row_sum_max'] for x in b):.3f}"
+                 )  # fmt: skip
     speed = q.get("speed")
     if speed:
         text += (f"\nspeed on the example inputs: {speed['before_ms']:.1f} ms -> {speed['after_ms']:.1f} ms, measured "

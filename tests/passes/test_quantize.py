@@ -144,7 +144,10 @@ def test_gelu_moves_into_the_epilogue_unless_asked_not_to():
     assert count_ops(kept.graph_module)["aten.gelu"] == len(model.encoder.layer)
 
 
-@pytest.mark.parametrize("spec", ["quantize:outliers=true,outlier_threshold=1.0", "quantize:scheme=w4,group_size=16"])
+@pytest.mark.parametrize(
+    "spec",
+    ["quantize:outliers=true,outlier_threshold=1.0", "quantize:scheme=w4,group_size=16", "quantize:softmax_bits=6"],
+)
 def test_quantized_programs_roundtrip_in_a_fresh_process(spec, tmp_path):
     model, inputs = hf_zoo.build("bert")
     opt = txc.optimize(model, [spec + ",measure=false,min_cosine=0.9"], example_inputs=inputs,
@@ -159,6 +162,23 @@ def test_w4_keeps_int8_where_the_group_does_not_divide_the_inputs():
     bits = [r["weight_bits"] for r in opt.report.quant["layers"]]
     assert bits.count(4) == len(model.encoder.layer) and bits.count(8) == len(bits) - bits.count(4)
     assert any("kept int8 weights: group_size=64" in n for n in _record(opt).notes)
+
+
+def test_softmax_bits_log2_quantize_every_attention_and_report_the_grid():
+    model, inputs = hf_zoo.build("bert")
+    opt = txc.optimize(model, ["quantize:softmax_bits=4,measure=false"], example_inputs=inputs,
+                       calibration_data=_calib("bert"))  # fmt: skip
+    ops = count_ops(opt.graph_module)
+    assert ops["txc.log2_quantize"] == len(model.encoder.layer) and "aten.scaled_dot_product_attention" not in ops
+    soft = opt.report.quant["softmax"]
+    assert soft["bits"] == 4 and [b["block"] for b in soft["blocks"]] == [0, 1]
+    assert all(0 < b["rel_l1"] < 0.5 and 0.5 < b["row_sum"] < 1.5 for b in soft["blocks"])
+    assert "attention probabilities: log2, 4 bits" in str(opt.report)
+    # The identity setting is exact only while the probabilities stay in floating point.
+    assert (
+        txc.optimize(model, ["quantize:scheme=none,softmax_bits=8"], example_inputs=inputs).report.records[-1].contract
+        == "approximate"
+    )
 
 
 def test_report_and_measured_speed():
@@ -192,6 +212,7 @@ def test_the_users_model_is_untouched():
         ("quantize:group_size=3", "group_size"),
         ("quantize:outlier_threshold=0", "outlier_threshold"),
         ("quantize:method=gptq", "method"),
+        ("quantize:softmax_bits=1", "softmax_bits"),
     ],
 )
 def test_bad_options_are_spec_errors(spec, match):

@@ -11,5 +11,6 @@ from .sigma_reparam import SigmaReparamWeight, power_iteration_, sigma_reparam
 from . import token_merge  # noqa: F401 - registers txc::bipartite_match, merge_tokens, unmerge_tokens
 from . import token_prune  # noqa: F401 - registers txc::prune_plan
 from . import quant  # noqa: F401 - registers txc::quantize_act, int8_linear, weight_only_linear
+from . import log2_quant  # noqa: F401 - registers txc::log2_quantize
 
 __all__ = ["SigmaReparamWeight", "sigma_reparam", "power_iteration_"]

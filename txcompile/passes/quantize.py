@@ -19,6 +19,8 @@ Before:                                      After (scheme=w8a8):
    `ops/quant.py`) or int4 in groups (`scheme=w4`, `group_size`); activations per tensor with a clipping threshold
    searched on the calibration rows. `outliers=true` keeps input columns whose calibrated |x| exceeds
    `outlier_threshold` in floating point (LLM.int8()'s decomposition, with columns fixed at calibration).
+   `softmax_bits` log2-quantizes attention probabilities (RepQuant's softmax quantizer, `attention_quant.py`): SDPA
+   is then written out as explicit math, so on a CPU this costs time; it is off by default.
 4. Each linear becomes a `txc` op (`int8_linear`, or `weight_only_linear` for `w8`/`w4`); a following GELU moves into
    the GEMM's epilogue. Per layer the report gets the scheme, bits, calibration error, measured output error and
    measured kernel times; the whole program's speed is measured against the unquantized one, with a warning when it
@@ -38,12 +40,14 @@ from typing import Any, ClassVar, Literal
 from torch import fx
 
 from ..anatomy import Linear, anatomy
+from ..attention_quant import quantize_attention_probs, unsupported_reason
 from ..calibrate import ChannelStats, observe
 from ..ir import copy_graph_module, prune_tensors
 from ..pipeline import PassContext, PassResult
 from ..quant_plan import Group, layer_records, plan_groups, remap, rewrite_groups
 from ..timing import median_seconds
-from ..verify import compare, run_program
+from ..ops.log2_quant import log2_error
+from ..verify import compare, node_values, run_program
 
 __all__ = ["Quantize"]
 
@@ -67,6 +71,7 @@ class Quantize:
     layers: Literal["blocks", "all"] = "blocks"  # all: also the head, pooler and other linears outside blocks
     fuse_activation: bool = True  # GELU into the int8 GEMM's epilogue
     max_rows: int = 4096  # calibration rows kept per input, for clipping and error measurement
+    softmax_bits: int = 0  # log2-quantize attention probabilities to this many bits (2..8); 0: keep them in float
     measure: bool = True  # time each layer and the whole program
     min_cosine: float = 0.98
 
@@ -79,13 +84,15 @@ class Quantize:
             raise ValueError(f"quantize: group_size must be an even number >= 2, got {self.group_size!r}")
         if self.outlier_threshold <= 0:
             raise ValueError(f"quantize: outlier_threshold must be > 0, got {self.outlier_threshold!r}")
+        if self.softmax_bits and not 2 <= self.softmax_bits <= 8:
+            raise ValueError(f"quantize: softmax_bits must be 0 (off) or 2..8, got {self.softmax_bits!r}")
         if self.max_rows < 16:
             raise ValueError(f"quantize: max_rows must be >= 16, got {self.max_rows!r}")
         if not -1.0 <= self.min_cosine <= 1.0:
             raise ValueError(f"quantize: min_cosine must be in [-1, 1], got {self.min_cosine!r}")
 
     def is_identity(self) -> bool:
-        return self.scheme == "none"
+        return self.scheme == "none" and not self.softmax_bits
 
     def check_quality(self, measured: dict) -> str | None:
         cos = measured.get("cosine")
@@ -107,31 +114,21 @@ class Quantize:
             stats = observe(gm, list({lin.input: None for lin in chosen}), batches, max_rows=self.max_rows)
         groups = plan_groups(gm, chosen, stats, self)
         before = copy_graph_module(gm)
-
-        # The reparameterized float program must compute what the original does (up to float rounding).
-        reparam_err = None
-        if activations:
-            floated = gm if self.scheme == "none" else copy_graph_module(gm)
-            rewrite_groups(floated, groups if floated is gm else remap(groups, floated), quantized=False)
-            floated.recompile()
-            cmp = compare(run_program(before, ctx.example_inputs), run_program(floated, ctx.example_inputs))
-            if not cmp.ok:
-                raise RuntimeError(f"quantize: the reparameterization changed the outputs ({cmp.max_abs:.3g} max abs)")
-            reparam_err = cmp.max_abs
-            if self.scheme == "none":
-                prune_tensors(gm)
-                return PassResult(gm, True, _stats(groups, reparam_err, self.scheme), tuple(notes))
-
-        rewrite_groups(gm, groups, quantized=True)
-        gm.recompile()
+        reparam_err = self._check_reparam(gm, before, groups, ctx) if activations else None
+        if self.scheme != "none":
+            rewrite_groups(gm, groups, quantized=True)
+            gm.recompile()
+        summary: dict[str, Any] = {"scheme": self.scheme, "method": self.method, "layers": []}
+        if self.softmax_bits:
+            summary["softmax"] = _quantize_softmax(gm, anat, self.softmax_bits, ctx.example_inputs, notes)
         prune_tensors(gm)
-        layers = layer_records(gm, groups, stats, self.measure)
-        summary: dict[str, Any] = {"scheme": self.scheme, "method": self.method, "layers": layers}
-        if self.scheme == "w4":
-            kept = [r["layer"] for r in layers if r["weight_bits"] == 8]
-            if kept:
-                notes.append(f"{len(kept)} layer(s) kept int8 weights: group_size={self.group_size} does not divide "
-                             f"their inputs ({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''})")  # fmt: skip
+        if self.scheme == "none" and not self.softmax_bits:
+            return PassResult(gm, True, _stats(groups, reparam_err, self.scheme), tuple(notes))
+        summary["layers"] = layers = layer_records(gm, groups, stats, self.measure) if self.scheme != "none" else []
+        kept = [r["layer"] for r in layers if self.scheme == "w4" and r["weight_bits"] == 8]
+        if kept:
+            notes.append(f"{len(kept)} layer(s) kept int8 weights: group_size={self.group_size} does not divide "
+                         f"their inputs ({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''})")  # fmt: skip
         if self.measure:
             summary["speed"] = _speed(before, gm, ctx.example_inputs, layers)
             if summary["speed"]["measured"] < 1.0:
@@ -141,6 +138,34 @@ class Quantize:
                 warnings.warn(msg, stacklevel=2)
         ctx.scratch["quantize"] = summary
         return PassResult(gm, True, _stats(groups, reparam_err, self.scheme), tuple(notes))
+
+    def _check_reparam(
+        self, gm: fx.GraphModule, before: fx.GraphModule, groups: list[Group], ctx: PassContext
+    ) -> float:
+        """Apply the reparameterization in floating point (to `gm` itself for scheme=none, else to a copy) and check
+        the program still computes what it did: the algebra runs in float64 linears, so any error is a bug."""
+        floated = gm if self.scheme == "none" else copy_graph_module(gm)
+        rewrite_groups(floated, groups if floated is gm else remap(groups, floated), quantized=False)
+        floated.recompile()
+        cmp = compare(run_program(before, ctx.example_inputs), run_program(floated, ctx.example_inputs))
+        if not cmp.ok:
+            raise RuntimeError(f"quantize: the reparameterization changed the outputs ({cmp.max_abs:.3g} max abs)")
+        return cmp.max_abs
+
+
+def _quantize_softmax(gm: fx.GraphModule, anat: Any, bits: int, inputs: Any, notes: list[str]) -> dict[str, Any]:
+    """Log2-quantize every block's attention probabilities (after the linears: the rewrite hides attention from
+    anatomy); measure the quantizer on the example inputs' real probabilities."""
+    quantizers = []
+    for block in anat.blocks:
+        reason = unsupported_reason(block.attention)
+        if reason is not None:
+            notes.append(f"block {block.index}: attention probabilities left in floating point: {reason}")
+            continue
+        quantizers.append((block.index, quantize_attention_probs(gm, block.attention, bits)))
+    values = node_values(gm, inputs)
+    blocks = [dict(log2_error(values[q.args[0].name], bits), block=i) for i, q in quantizers]
+    return {"bits": bits, "blocks": blocks}
 
 
 def _chosen_linears(anat: Any, layers: str) -> tuple[list[Linear], list[str]]:
