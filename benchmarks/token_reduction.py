@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from rich.table import Table
 
 import txcompile as txc
 from txcompile.models import digits, minilm
+from txcompile.timing import round_robin
 
 log = Console(stderr=True, highlight=False)
 
@@ -56,20 +56,6 @@ TEXT_SETTINGS = ["token_merge:flops=0.2", "token_merge:flops=0.2,metric=keys_con
 DIGITS_SETTINGS = ["token_merge:r=4", "token_merge:r=8", "token_merge:r=12", "token_merge:r=12,schedule=decreasing",
                    "token_merge:r=16,schedule=decreasing", "token_prune:keep=0.7", "token_prune:keep=0.5",
                    "token_prune:keep=0.5,blocks=all"]  # fmt: skip
-
-
-def time_round_robin(candidates: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed in interleaved rounds after one warm-up call each."""
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    with torch.no_grad():
-        for fn in candidates.values():
-            fn()
-        for _ in range(reps):
-            for name, fn in candidates.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def optimize(model: torch.nn.Module, spec: str, inputs: Any, min_cosine: float | None = None) -> Any:
@@ -112,7 +98,7 @@ def vit_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
             rows[name] = {"flops_removed": removed, "compile_s": time.perf_counter() - start}
             candidates[name] = lambda compiled=compiled: compiled(images)
     log.print(f"ViT: timing {len(candidates)} candidates x {args.reps} rounds")
-    times = time_round_robin(candidates, args.reps)
+    times = round_robin(candidates, args.reps)
     base = times["eager (unmodified)"]
     return [{"setting": name, "seconds": t, "images_per_s": args.batch / t, "speedup": base / t, **rows[name]}
             for name, t in times.items()]  # fmt: skip
@@ -151,7 +137,7 @@ def digits_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
         programs[spec] = opt
         rows[spec] = {"top1": digits.accuracy(opt, images, labels), "flops_removed": flops_removed(opt)}
     candidates = {"unmodified": lambda: model(images), **{s: (lambda p=p: p(images)) for s, p in programs.items()}}
-    times = time_round_robin(candidates, args.reps * 4)  # one call is ~0.25 s: more rounds for the same noise
+    times = round_robin(candidates, args.reps * 4)  # one call is ~0.25 s: more rounds for the same noise
     base = times["unmodified"]
     return [{"setting": name, "seconds": t, "speedup": base / t, "top1_drop": base_top1 - rows[name]["top1"],
              **rows[name]} for name, t in times.items()]  # fmt: skip

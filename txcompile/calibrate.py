@@ -73,11 +73,16 @@ def observe(
     seed: int = 0,
 ) -> dict[fx.Node, ChannelStats]:
     """Per-channel statistics of each node in `nodes` over `batches` of (args, kwargs), with a progress bar."""
+    from rich.console import Console
     from rich.progress import Progress
 
     gen = torch.Generator().manual_seed(seed)
     obs = _Observer(gm, set(nodes), max(1, max_rows // max(len(batches), 1)), gen)
-    with Progress(transient=True, disable=not progress) as bar, torch.no_grad():
+    console = Console(stderr=True)  # stdout belongs to the caller's own output (tables, JSON)
+    with (
+        Progress(console=console, transient=True, disable=not progress or not console.is_terminal) as bar,
+        torch.no_grad(),
+    ):
         task = bar.add_task("calibrating", total=len(batches))
         for batch in batches:
             obs.run(*flatten_inputs(gm, batch))

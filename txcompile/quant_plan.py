@@ -16,7 +16,7 @@ from .anatomy import Linear, anatomy
 from .calibrate import ChannelStats
 from .ir import add_tensor, get_tensor, is_op, module_path, tensor_meta
 from .norms import Norm
-from .ops.quant import weight_levels
+from .ops.quant import pack_int4, weight_levels
 from .quantizers import Reparam, clip_scale, identity, linear_error, reparam, weight_int4, weight_int8
 
 aten = torch.ops.aten
@@ -218,12 +218,12 @@ def _replace_linear(
     b = None if b is None else b.detach()
     rp = g.reparam
     w_r, b_r = (w, b) if rp is None else (rp.weight(w), rp.bias(w, b))
-    bias = None if b_r is None else _const(gm, "bias", b_r.float())
     dtype = tensor_meta(lin.node).dtype if tensor_meta(lin.node) is not None else w.dtype
     if not quantized:
         b64 = None if b_r is None else _const(gm, "bias", _bias64(rp, w, b))
         y = graph.call_function(aten.linear.default, (x, _const(gm, "weight", w.double() * rp.ratio), b64))
         return graph.call_function(aten._to_copy.default, (y,), {"dtype": dtype})
+    bias = None if b_r is None else _const(gm, "bias", b_r.float())
     info: dict[str, Any] = {"layer": module_path(lin.node) or lin.weight.removeprefix("_txc_"), "scheme": g.scheme}
     if g.scheme == "w8a8":
         cols = g.outlier_cols
@@ -250,8 +250,6 @@ def _replace_linear(
         bits = 4 if g.scheme == "w4" and w.shape[1] % g.group_size == 0 else 8
         if bits == 4:
             q, s = weight_int4(w, g.group_size)
-            from .ops.quant import pack_int4
-
             q = pack_int4(q)
         else:
             q, s = weight_int8(w)

@@ -1,4 +1,4 @@
-"""Wall-clock comparisons measured in one run: round-robin, warmed up, median."""
+"""Wall-clock comparisons measured in one run: interleaved rounds, warmed up, median."""
 
 from __future__ import annotations
 
@@ -7,25 +7,31 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
+__all__ = ["median_seconds", "round_robin"]
 
-__all__ = ["median_seconds"]
+
+def round_robin(candidates: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each zero-argument candidate, timed in interleaved rounds so background load hits
+    all of them alike."""
+    import torch
+
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.no_grad():
+        for fn in candidates.values():
+            for _ in range(warmup):
+                fn()
+        for _ in range(repeats):
+            for name, fn in candidates.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def median_seconds(fns: Sequence[Callable[..., Any]], inputs: Any, repeats: int = 10, warmup: int = 2) -> list[float]:
-    """Median latency of each fn on `inputs` (a tensor, tuple or dict), timed round-robin so background load hits all
-    of them alike."""
+    """Median latency of each fn on `inputs` (a tensor, tuple or dict), timed round-robin."""
     from .capture import normalize_inputs
 
     args, kwargs = normalize_inputs(inputs)
-    times: list[list[float]] = [[] for _ in fns]
-    with torch.no_grad():
-        for fn in fns:
-            for _ in range(warmup):
-                fn(*args, **kwargs)
-        for _ in range(repeats):
-            for fn, bucket in zip(fns, times):
-                start = time.perf_counter()
-                fn(*args, **kwargs)
-                bucket.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    calls = {str(i): (lambda fn=fn: fn(*args, **kwargs)) for i, fn in enumerate(fns)}
+    return list(round_robin(calls, repeats, warmup).values())
