@@ -39,15 +39,23 @@ class ChannelStats:
 
 
 class _Observer(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, nodes: set[fx.Node], per_batch: int, gen: torch.Generator):
+    def __init__(
+        self, gm: fx.GraphModule, nodes: set[fx.Node], per_batch: int, gen: torch.Generator, padding: fx.Node | None
+    ):
         super().__init__(gm)
-        self.nodes, self.per_batch, self.gen = nodes, per_batch, gen
+        self.nodes, self.per_batch, self.gen, self.padding = nodes, per_batch, gen, padding
+        self.valid: Tensor | None = None  # this batch's [B, T] non-padding tokens
         self.stats: dict[fx.Node, ChannelStats] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
+        if n is self.padding:
+            self.valid = out != 0
         if n in self.nodes and isinstance(out, Tensor) and out.is_floating_point():
-            self._see(n, out.detach().reshape(-1, out.shape[-1]).float())
+            value = out.detach()
+            if self.valid is not None and value.shape[:-1] == self.valid.shape:
+                value = value[self.valid]  # padded positions compute junk nobody reads: keep them out of the ranges
+            self._see(n, value.reshape(-1, value.shape[-1]).float())
         return out
 
     def _see(self, n: fx.Node, flat: Tensor) -> None:
@@ -71,13 +79,16 @@ def observe(
     max_rows: int = 2048,
     progress: bool = True,
     seed: int = 0,
+    padding: fx.Node | None = None,
 ) -> dict[fx.Node, ChannelStats]:
-    """Per-channel statistics of each node in `nodes` over `batches` of (args, kwargs), with a progress bar."""
+    """Per-channel statistics of each node in `nodes` over `batches` of (args, kwargs), with a progress bar.
+
+    `padding`, the program's [B, T] padding-mask input, restricts token-wise values to the real tokens."""
     from rich.console import Console
     from rich.progress import Progress
 
     gen = torch.Generator().manual_seed(seed)
-    obs = _Observer(gm, set(nodes), max(1, max_rows // max(len(batches), 1)), gen)
+    obs = _Observer(gm, set(nodes), max(1, max_rows // max(len(batches), 1)), gen, padding)
     console = Console(stderr=True)  # stdout belongs to the caller's own output (tables, JSON)
     with (
         Progress(console=console, transient=True, disable=not progress or not console.is_terminal) as bar,
