@@ -20,7 +20,7 @@ from .anatomy import Anatomy, Block, anatomy
 from .ir import is_op, tensor_meta
 from .ops.token_merge import init_token_state, size_bias
 from .pipeline import PassContext, PassResult
-from .verify import node_values
+from .verify import cosine_shortfall, node_values
 
 aten = torch.ops.aten
 
@@ -118,10 +118,7 @@ class TokenReducer:
             raise ValueError(f"{self.name}: min_cosine must be in [-1, 1], got {self.min_cosine!r}")
 
     def check_quality(self, measured: dict) -> str | None:
-        cos = measured.get("cosine")
-        if cos is not None and cos < self.min_cosine:
-            return f"output cosine similarity {cos:.4f} < min_cosine {self.min_cosine}"
-        return None
+        return cosine_shortfall(measured, self.min_cosine)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.is_identity():

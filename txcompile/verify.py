@@ -111,6 +111,14 @@ def output_cosine(expected: Any, actual: Any) -> float:
     return float(torch.nn.functional.cosine_similarity(flat[0], flat[1], dim=0))
 
 
+def cosine_shortfall(measured: Mapping[str, Any], min_cosine: float) -> str | None:
+    """An approximate pass's budget check: why the measured output cosine falls below `min_cosine`, else None."""
+    cos = measured.get("cosine")
+    if cos is not None and cos < min_cosine:
+        return f"output cosine similarity {cos:.4f} < min_cosine {min_cosine}"
+    return None
+
+
 def run_program(fn: Any, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
     """Call a model or GraphModule on (args, kwargs) without autograd."""
     args, kwargs = inputs

@@ -48,7 +48,7 @@ from ..quant_plan import Group, layer_records, plan_groups, remap, rewrite_group
 from ..timing import median_seconds
 from ..tokens import Decline, padding_input
 from ..ops.log2_quant import log2_error
-from ..verify import compare, node_values, run_program
+from ..verify import compare, cosine_shortfall, node_values, run_program
 
 __all__ = ["Quantize"]
 
@@ -96,10 +96,7 @@ class Quantize:
         return self.scheme == "none" and not self.softmax_bits
 
     def check_quality(self, measured: dict) -> str | None:
-        cos = measured.get("cosine")
-        if cos is not None and cos < self.min_cosine:
-            return f"output cosine similarity {cos:.4f} < min_cosine {self.min_cosine}"
-        return None
+        return cosine_shortfall(measured, self.min_cosine)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         anat = anatomy(gm)
