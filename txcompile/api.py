@@ -160,6 +160,7 @@ def optimize(
     if any(r.modified and r.name in reducing for r in records):
         report.tokens = token_summary(captured, gm)
     report.quant = ctx.scratch.get("quantize")
+    report.early_exit = ctx.scratch.get("early_exit")
     report.seconds["passes"] = time.perf_counter() - t
     t = time.perf_counter()
     step(f"lower to {be.name}")

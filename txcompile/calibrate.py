@@ -7,7 +7,8 @@ any per-channel reparameterization can be applied to them afterwards without run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import Tensor, fx
 
 from .verify import flatten_inputs
 
-__all__ = ["ChannelStats", "observe"]
+__all__ = ["ChannelStats", "observe", "progress_bar"]
 
 
 @dataclass
@@ -71,6 +72,19 @@ class _Observer(fx.Interpreter):
             old.counts.append(flat.shape[0])
 
 
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, *, enabled: bool = True) -> Iterator[Callable[[], None]]:
+    """A rich progress bar on stderr (stdout belongs to the caller's tables and JSON), shown only on a terminal;
+    yields the function that advances it by one step."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not enabled or not console.is_terminal) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
 def observe(
     gm: fx.GraphModule,
     nodes: Sequence[fx.Node],
@@ -84,20 +98,12 @@ def observe(
     """Per-channel statistics of each node in `nodes` over `batches` of (args, kwargs), with a progress bar.
 
     `padding`, the program's [B, T] padding-mask input, restricts token-wise values to the real tokens."""
-    from rich.console import Console
-    from rich.progress import Progress
-
     gen = torch.Generator().manual_seed(seed)
     obs = _Observer(gm, set(nodes), max(1, max_rows // max(len(batches), 1)), gen, padding)
-    console = Console(stderr=True)  # stdout belongs to the caller's own output (tables, JSON)
-    with (
-        Progress(console=console, transient=True, disable=not progress or not console.is_terminal) as bar,
-        torch.no_grad(),
-    ):
-        task = bar.add_task("calibrating", total=len(batches))
+    with progress_bar("calibrating", len(batches), enabled=progress) as advance, torch.no_grad():
         for batch in batches:
             obs.run(*flatten_inputs(gm, batch))
-            bar.advance(task)
+            advance()
     missing = [n.name for n in nodes if n not in obs.stats]
     if missing:
         raise RuntimeError(f"calibration never saw a float value for: {', '.join(missing)}")

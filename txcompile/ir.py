@@ -159,6 +159,30 @@ PASSTHROUGH_OPS = (
 )
 
 
+def descendants(*nodes: fx.Node) -> set[fx.Node]:
+    """Every node that reads (directly or not) one of `nodes`; the nodes themselves are not included."""
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def ancestors(*nodes: fx.Node) -> set[fx.Node]:
+    """Every node that `nodes` are computed from (directly or not); the nodes themselves are not included."""
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return seen
+
+
 def refresh_metadata(gm: fx.GraphModule, *, full: bool = False) -> None:
     """Bring `meta["val"]` (FakeTensors with the capture's symbolic sizes) up to date after a rewrite.
 

@@ -10,7 +10,7 @@ from .backends.base import Fallback
 from .capture import CaptureInfo
 from .pipeline import PassRecord
 
-__all__ = ["Report", "quant_table", "render_table"]
+__all__ = ["Report", "exit_summary", "quant_table", "render_table"]
 
 
 @dataclass
@@ -30,6 +30,8 @@ class Report:
     # Set by `quantize`: scheme, method, per-layer records (bits, calibration and output errors, kernel times, bytes)
     # and the whole program's measured and predicted speed.
     quant: dict[str, Any] | None = None
+    # Set by `early_exit`: criterion, threshold, calibration agreement, exit distribution, expected/measured speedup.
+    early_exit: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +44,7 @@ class Report:
             "seconds": self.seconds,
             "tokens": self.tokens,
             "quant": self.quant,
+            "early_exit": self.early_exit,
         }
 
     def __str__(self) -> str:
@@ -74,6 +77,8 @@ class Report:
             )
         if self.quant is not None:
             text += "\n" + quant_table(self.quant)
+        if self.early_exit is not None:
+            text += "\n" + exit_summary(self.early_exit)
         if self.fallbacks:
             text += f"\n{len(self.fallbacks)} node(s) run as plain ATen: " + ", ".join(
                 f"{f.node} ({f.op}: {f.reason})" for f in self.fallbacks[:10]
@@ -153,4 +158,22 @@ def quant_table(q: dict[str, Any]) -> str:
     if speed:
         text += (f"\nspeed on the example inputs: {speed['before_ms']:.1f} ms -> {speed['after_ms']:.1f} ms, measured "
                  f"{speed['measured']:.2f}x, predicted from the layer times {speed['predicted']:.2f}x")  # fmt: skip
+    return text
+
+
+def exit_summary(e: dict[str, Any]) -> str:
+    """Where rows leave an early-exit program, on the calibration data, and what that buys."""
+    header = ["exit after block", *map(str, e["exit_blocks"]), "none (full model)"]
+    rows = [["rows (simulated)", *map(str, e["distribution"])]]
+    if "measured_distribution" in e:
+        rows.append(["rows (measured)", *map(str, e["measured_distribution"])])
+    rows.append(["agreement if all left here", *(f"{a:.4f}" for a in e["exit_agreement"]), "1"])
+    thr = "inf (never exit)" if e["threshold"] == float("inf") else f"{e['threshold']:.4g}"
+    title = (f"early_exit: criterion={e['criterion']} threshold={thr} heads={e['heads']}; {e['rows']} calibration "
+             f"rows, {e['metric']} agreement {e['agreement']:.4f} (target {e['target_agreement']:g})")  # fmt: skip
+    text = render_table(title, header, rows)
+    text += f"\nexpected speedup (block FLOPs) {e['expected_speedup']:.2f}x"
+    if "measured_speedup" in e:
+        text += (f"; measured on the calibration data {e['full_ms']:.1f} ms -> {e['staged_ms']:.1f} ms, "
+                 f"{e['measured_speedup']:.2f}x")  # fmt: skip
     return text

@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from .anatomy import Anatomy, Block, anatomy
-from .ir import is_op, tensor_meta
+from .ir import descendants, is_op, tensor_meta
 from .ops.token_merge import init_token_state, size_bias
 from .pipeline import PassContext, PassResult
 from .verify import cosine_shortfall, node_values
@@ -214,22 +214,10 @@ def token_shares(block: Block) -> tuple[int, int]:
     return att, mlp
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return seen
-
-
 def rederive_sizes(graph: fx.Graph, merges: list[tuple[fx.Node, fx.Node]], stop: fx.Node | None) -> None:
     """Downstream of each merge, sizes the model computed from the token count (view(x, [B, T, H, D])) must use the
     merged count: read it off the merged tensor instead (until `stop`, the unmerge, restores the original count)."""
-    after_stop = _descendants(stop) | {stop} if stop is not None else set()
+    after_stop = descendants(stop) | {stop} if stop is not None else set()
     counts: set[fx.Node] = set()  # nodes that stand for the token count entering the current merge
     static: int | None = None  # or the count itself, when it is a constant in the graph (vision models)
     for before, after in merges:
@@ -242,7 +230,7 @@ def rederive_sizes(graph: fx.Graph, merges: list[tuple[fx.Node, fx.Node]], stop:
                 static = int(count)
         with graph.inserting_after(after):
             new = graph.call_function(aten.sym_size.int, (after, 1))
-        for node in _descendants(after) - after_stop - {new}:
+        for node in descendants(after) - after_stop - {new}:
             for arg in node.all_input_nodes:
                 if arg in counts:
                     node.replace_input_with(arg, new)

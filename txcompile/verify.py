@@ -9,7 +9,7 @@ changed, so the error points at the rewrite that broke, not at the model output.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,15 +127,20 @@ def run_program(fn: Any, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
 
 
 class _Recorder(fx.Interpreter):
-    """Runs a graph and keeps every node's tensor value, for node-by-node comparison."""
+    """Runs a graph and keeps every node's tensor value (or only those of `names`, sizes included), for node-by-node
+    comparison."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, names: Collection[str] | None = None):
         super().__init__(gm)
-        self.values: dict[str, torch.Tensor] = {}
+        self.values: dict[str, Any] = {}
+        self.names = names
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and n.op != "get_attr":
+        if self.names is not None:
+            if n.name in self.names:
+                self.values[n.name] = out.detach() if isinstance(out, torch.Tensor) else out
+        elif isinstance(out, torch.Tensor) and n.op != "get_attr":
             self.values[n.name] = out.detach()
         return out
 
@@ -154,9 +159,12 @@ def flatten_inputs(gm: fx.GraphModule, inputs: tuple[tuple[Any, ...], dict[str, 
     return pytree.tree_leaves(inputs)
 
 
-def node_values(gm: fx.GraphModule, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Every node's tensor value (by node name) when `gm` runs on `inputs`, without autograd."""
-    rec = _Recorder(gm)
+def node_values(
+    gm: fx.GraphModule, inputs: tuple[tuple[Any, ...], dict[str, Any]], names: Collection[str] | None = None
+) -> dict[str, Any]:
+    """Every node's tensor value (by node name) when `gm` runs on `inputs`, without autograd; with `names`, only
+    those nodes' values (whatever they are: sizes too), which keeps memory to what the caller needs."""
+    rec = _Recorder(gm, names)
     with torch.no_grad():
         rec.run(*flatten_inputs(gm, inputs))
     return rec.values

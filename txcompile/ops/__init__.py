@@ -12,5 +12,6 @@ from . import token_merge  # noqa: F401 - registers txc::bipartite_match, merge_
 from . import token_prune  # noqa: F401 - registers txc::prune_plan
 from . import quant  # noqa: F401 - registers txc::quantize_act, int8_linear, weight_only_linear
 from . import log2_quant  # noqa: F401 - registers txc::log2_quantize
+from . import early_exit  # noqa: F401 - registers txc::exit_* (scores, partition, positions, assemble)
 
 __all__ = ["SigmaReparamWeight", "sigma_reparam", "power_iteration_"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .cleanup import Cleanup
+from .early_exit import EarlyExit
 from .fold_sigma_reparam import FoldSigmaReparam
 from .fuse_qkv import FuseQKV
 from .qk_norm import QKNorm
@@ -12,7 +13,9 @@ from .sigma_reparam import SigmaReparam
 from .token_merge import TokenMerge
 from .token_prune import TokenPrune
 
-ALL_PASSES = (Cleanup, FuseQKV, RMSNorm, SigmaReparam, FoldSigmaReparam, QKNorm, TokenMerge, TokenPrune, Quantize)
+ALL_PASSES = (
+    Cleanup, FuseQKV, RMSNorm, SigmaReparam, FoldSigmaReparam, QKNorm, TokenMerge, TokenPrune, Quantize, EarlyExit,
+)  # fmt: skip
 
 __all__ = [
     "ALL_PASSES",
@@ -25,4 +28,5 @@ __all__ = [
     "TokenMerge",
     "TokenPrune",
     "Quantize",
+    "EarlyExit",
 ]
