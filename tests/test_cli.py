@@ -183,3 +183,29 @@ def test_convert_minilm_then_load_and_run_in_new_processes(tmp_path: Path) -> No
     import numpy as np
 
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "emb.npy")), expected)
+
+
+def test_convert_early_exit_with_calibration_saves_thresholds_and_runs(tmp_path: Path) -> None:
+    """The staged program and its calibrated threshold land in the artifact; `run` executes it in a new process."""
+    from txcompile.models import reference
+
+    images = reference.build("vit").example_inputs()[0]
+    calib = tmp_path / "calib.pt"
+    torch.save([torch.randn(16, *images.shape[1:]) for _ in range(3)], calib)
+    out = tmp_path / "vit-ee"
+    spec = "early_exit:heads=learned,train_steps=20,target_agreement=0.5"
+    result = txcompile("convert", "ref:vit", "--passes", spec, "--calib", str(calib), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    ee = manifest["early_exit"]
+    assert ee["criterion"] == "confidence" and ee["heads"] == "learned" and sum(ee["distribution"]) == ee["rows"]
+    assert manifest["passes"][-1]["stats"]["threshold"] == (
+        "inf" if ee["threshold"] == "inf" else f"{float(ee['threshold']):.4g}"
+    )
+    assert "early_exit: criterion=confidence" in (out / "report.txt").read_text()
+    inputs = tmp_path / "images.pt"
+    torch.save(torch.randn(5, *images.shape[1:]), inputs)
+    ran = txcompile("run", str(out), "--input", str(inputs), "-o", str(tmp_path / "logits.pt"))
+    assert ran.returncode == 0, ran.stderr
+    (logits,) = torch.load(tmp_path / "logits.pt")
+    assert logits.shape[0] == 5

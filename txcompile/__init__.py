@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from . import ops  # noqa: F401 - registers the txc:: custom ops, which loading saved programs needs
-from . import analysis
+from . import analysis, exits
 from .anatomy import Anatomy, anatomy
 from .api import OptimizedModule, optimize
 from .artifact import LoadedProgram, load
@@ -39,6 +39,7 @@ __all__ = [
     "anatomy",
     "Anatomy",
     "analysis",
+    "exits",
     "list_passes",
     "parse_spec",
     "Pass",

@@ -307,6 +307,8 @@ def _manifest(
         "backend": getattr(report, "backend", None),
         "capture_error": _jsonable(getattr(report, "capture_error", None)),
         "passes": [_pass_entry(r) for r in getattr(report, "records", [])],
+        # early_exit's calibration: criterion, threshold, exit distribution, agreement, expected/measured speedup.
+        "early_exit": _jsonable(getattr(report, "early_exit", None)),
         "pytree_types": _pytree_types(ep),
         "weights": weights,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},

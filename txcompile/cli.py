@@ -244,7 +244,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="txcompile", description="Verified graph rewrites for PyTorch Transformers.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = "minilm (default), ref:vit|encoder|gpt, hf:NAME, a model or artifact directory, package.module:factory"
+    model_help = (
+        "minilm (default), digits, ref:vit|encoder|gpt, hf:NAME, a model or artifact directory, package.module:factory"
+    )
 
     p = sub.add_parser("passes", help="list every pass with its options and contract")
     p.add_argument("--json", action="store_true", help="machine-readable output")

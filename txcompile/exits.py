@@ -35,7 +35,7 @@ from .tokens import Decline, reads_only_leading
 aten = torch.ops.aten
 txc = torch.ops.txc
 
-__all__ = ["Head", "find_head", "Stager", "Gate", "batch_symbols"]
+__all__ = ["Head", "find_head", "Stager", "Gate", "batch_symbols", "exit_counts"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,17 @@ class Head:
     externals: tuple[fx.Node, ...]  # other values of `gm` the head reads (masks, sizes), computed before the blocks
     leaves: tuple[int, ...]  # the flat output positions the head computes
     leading: int | None  # the head reads only this many leading tokens (a CLS classifier), else None
+
+
+def exit_counts(gm: fx.GraphModule, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> list[int]:
+    """How many rows of `inputs` leave an early-exit program at each of its exits, and (last) run it to the end."""
+    from .verify import node_values
+
+    parts = [n for n in gm.graph.nodes if n.target is txc.exit_partition.default]
+    values = node_values(gm, inputs, {n.name for n in parts})
+    counts = [len(values[n.name][0]) for n in parts]
+    rows = next(int(t.shape[0]) for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor))
+    return [*counts, rows - sum(counts)]
 
 
 def output_leaves(gm: fx.GraphModule) -> list[Any]:

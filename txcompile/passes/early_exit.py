@@ -44,12 +44,12 @@ from ..anatomy import Anatomy, Block, anatomy
 from ..cost import block_costs, evaluate, example_shape
 from ..exit_calibration import ExitTable, agreement_at, choose_threshold, exit_table, observe_exits, simulate, \
     train_adapters  # fmt: skip
-from ..exits import Head, Stager, find_head, output_leaves
+from ..exits import Head, Stager, exit_counts, find_head, output_leaves
 from ..ir import add_tensor, tensor_meta
 from ..pipeline import PassContext, PassResult
 from ..timing import round_robin
 from ..tokens import Decline, padding_input, parse_blocks
-from ..verify import node_values, run_program
+from ..verify import run_program
 
 __all__ = ["EarlyExit"]
 
@@ -247,23 +247,14 @@ def _summary(
         "target_agreement": p.target_agreement, "exit_blocks": [b.index for b in blocks],
         "rows": len(chosen), "agreement": agreement_at(table, chosen), "distribution": counts,
         "exit_agreement": [float(a) for a in table.agreement.mean(dim=1)],
-        "expected_speedup": expected,
+        "expected_speedup": expected, "exit_costs": costs,
     }  # fmt: skip
 
 
 def _measure(original: fx.GraphModule, staged: fx.GraphModule, batches: list[Any]) -> dict[str, Any]:
     """Run the rewritten program on the batches the threshold was calibrated on: where their rows really left (the
     simulation's prediction, checked), and both programs' time."""
-    parts = [n for n in staged.graph.nodes if n.target is txc.exit_partition.default]
-    counts = [0] * (len(parts) + 1)
-    for batch in batches:
-        values = node_values(staged, batch, {n.name for n in parts})
-        rows = next(int(t.shape[0]) for t in (*batch[0], *batch[1].values()) if isinstance(t, torch.Tensor))
-        left = 0
-        for i, n in enumerate(parts):
-            counts[i] += len(values[n.name][0])
-            left += len(values[n.name][0])
-        counts[-1] += max(rows - left, 0)
+    counts = [sum(c) for c in zip(*(exit_counts(staged, b) for b in batches))]
 
     def run_all(fn: Any) -> Any:
         return lambda: [run_program(fn, b) for b in batches]
