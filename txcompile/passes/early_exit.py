@@ -45,7 +45,7 @@ from ..cost import block_costs, evaluate, example_shape
 from ..exit_calibration import ExitTable, agreement_at, choose_threshold, exit_table, observe_exits, simulate, \
     train_adapters  # fmt: skip
 from ..exits import Head, Stager, exit_counts, find_head, output_leaves
-from ..ir import add_tensor, tensor_meta
+from ..ir import add_tensor, copy_graph_module, tensor_meta
 from ..pipeline import PassContext, PassResult
 from ..timing import round_robin
 from ..tokens import Decline, padding_input, parse_blocks
@@ -95,9 +95,6 @@ class EarlyExit:
     def is_identity(self) -> bool:
         return self.threshold == math.inf
 
-    def check_quality(self, measured: dict) -> str | None:
-        return None  # agreement is calibrated and reported; the example inputs are too few to hold it to a budget
-
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         anat = anatomy(gm)
         try:
@@ -108,7 +105,7 @@ class EarlyExit:
             if not blocks:
                 raise Decline(f"exits={self.exits!r} leaves no block before the last")
             # Can the graph be split at all? Cheap, and before any calibration work.
-            _stage(_copy(gm), [b.index for b in blocks], [None] * len(blocks), math.inf, "similarity", None)
+            _stage(copy_graph_module(gm), [b.index for b in blocks], [None] * len(blocks), math.inf, "similarity", None)
         except Decline as e:
             return PassResult(gm, False, {"exits": 0}, (f"no exits: {e}",))
         classifier = _is_classifier(anat, head, gm)
@@ -141,7 +138,7 @@ class EarlyExit:
                 notes.append(f"no threshold lets any row leave early at {metric} agreement >= "
                              f"{self.target_agreement:g} on the calibration data: program left unchanged")  # fmt: skip
                 return PassResult(gm, False, {"exits": 0, "criterion": criterion}, tuple(notes))
-        original = _copy(gm) if self.measure else None
+        original = copy_graph_module(gm) if self.measure else None
         _stage(gm, [b.index for b in blocks], adapters, threshold, criterion, padding)
         summary = _summary(self, criterion, metric, threshold, blocks, table, costs)
         if original is not None:
@@ -183,12 +180,6 @@ def _split(observed: list[Any], holdout: float) -> tuple[list[Any], list[Any]]:
 
 def _fmt(threshold: float) -> str:
     return "inf" if threshold == math.inf else f"{threshold:.4g}"
-
-
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    from ..ir import copy_graph_module
-
-    return copy_graph_module(gm)
 
 
 def _is_classifier(anat: Anatomy, head: Head, gm: fx.GraphModule) -> bool:
