@@ -240,10 +240,12 @@ class Stager:
             self.latest[original] = new
             self.origin[new] = original
 
-    def _compacted(self, n: fx.Node, kept: fx.Node, size: fx.Node) -> fx.Node | None:
-        """`n` for the kept rows, None when it does not depend on the batch."""
+    def _compacted(self, n: fx.Node, kept: fx.Node, size: fx.Node, running: bool = True) -> fx.Node | None:
+        """`n` for the `kept` rows, None when it does not depend on the batch. `running`: the kept rows go on to the
+        next blocks (so later exits must compact the result again), not only to an exit's head."""
+        select = self.call if running else self._call
         if n in self.batched:
-            return self.call(aten.index_select.default, n, 0, kept)
+            return select(aten.index_select.default, n, 0, kept)
         if n in self.sizes:
             return size
         val = n.meta.get("val")
@@ -262,7 +264,7 @@ class Stager:
             return None
         dims = self._batched_dims(val)
         if dims == [0] and str(val.shape[0]) in self.batch:
-            return self.call(aten.index_select.default, n, 0, kept)
+            return select(aten.index_select.default, n, 0, kept)
         if dims:
             raise Decline(f"{n.name} {tuple(val.shape)} carries the batch outside dim 0 alone; exits split dim 0")
         return None
@@ -271,9 +273,7 @@ class Stager:
         return [i for i, d in enumerate(val.shape) if self.batch & _symbols(d)]
 
     def _select(self, value: fx.Node, rows: fx.Node, stream: fx.Node) -> fx.Node:
-        size = self._call(aten.sym_size.int, stream, 0)
-        self.sizes.add(size)
-        compacted = self._compacted(value, rows, size)
+        compacted = self._compacted(value, rows, self._call(aten.sym_size.int, stream, 0), running=False)
         return value if compacted is None else compacted
 
     def finish(self) -> None:
