@@ -189,3 +189,23 @@ def first_divergence(
             where = module_path(node)
             return f"{node.name} ({op_name(node)}{' in ' + where if where else ''})", cmp.max_abs
     return None
+
+
+def valid_tokens_only(outputs: Any, gm: Any, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+    """`outputs` with every [batch, tokens, ...] tensor zeroed at padded tokens, when `gm` says (meta
+    "txc_valid_tokens_only": the padding input's name) that its values there are unspecified (the unpad pass)."""
+    name = getattr(gm, "meta", {}).get("txc_valid_tokens_only")
+    if name is None:
+        return outputs
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    valid = dict(zip(placeholders, flatten_inputs(gm, inputs))).get(name)
+    if not isinstance(valid, torch.Tensor) or valid.dim() != 2:
+        return outputs
+
+    def mask(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(valid.shape):
+            keep = (valid != 0).reshape(*valid.shape, *([1] * (t.dim() - 2)))
+            return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+        return t
+
+    return pytree.tree_map(mask, outputs)

@@ -13,5 +13,6 @@ from . import token_prune  # noqa: F401 - registers txc::prune_plan
 from . import quant  # noqa: F401 - registers txc::quantize_act, int8_linear, weight_only_linear
 from . import log2_quant  # noqa: F401 - registers txc::log2_quantize
 from . import early_exit  # noqa: F401 - registers txc::exit_* (scores, partition, positions, assemble)
+from . import unpad  # noqa: F401 - registers txc::unpad_index, unpack_tokens, varlen_attention
 
 __all__ = ["SigmaReparamWeight", "sigma_reparam", "power_iteration_"]

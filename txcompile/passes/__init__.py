@@ -12,9 +12,11 @@ from .rmsnorm import RMSNorm
 from .sigma_reparam import SigmaReparam
 from .token_merge import TokenMerge
 from .token_prune import TokenPrune
+from .unpad import UnPad
 
 ALL_PASSES = (
     Cleanup, FuseQKV, RMSNorm, SigmaReparam, FoldSigmaReparam, QKNorm, TokenMerge, TokenPrune, Quantize, EarlyExit,
+    UnPad,
 )  # fmt: skip
 
 __all__ = [
@@ -29,4 +31,5 @@ __all__ = [
     "TokenPrune",
     "Quantize",
     "EarlyExit",
+    "UnPad",
 ]
