@@ -191,10 +191,14 @@ def first_divergence(
     return None
 
 
+# GraphModule.meta key: the name of the padding-mask input at whose padded positions the outputs are unspecified.
+VALID_ONLY = "txc_valid_tokens_only"
+
+
 def valid_tokens_only(outputs: Any, gm: Any, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
-    """`outputs` with every [batch, tokens, ...] tensor zeroed at padded tokens, when `gm` says (meta
-    "txc_valid_tokens_only": the padding input's name) that its values there are unspecified (the unpad pass)."""
-    name = getattr(gm, "meta", {}).get("txc_valid_tokens_only")
+    """`outputs` with every [batch, tokens, ...] tensor zeroed at padded tokens, when `gm` says (meta[VALID_ONLY])
+    that its values there are unspecified (the unpad pass)."""
+    name = getattr(gm, "meta", {}).get(VALID_ONLY)
     if name is None:
         return outputs
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

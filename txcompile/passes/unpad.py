@@ -34,14 +34,12 @@ from ..anatomy import Anatomy, Block, anatomy
 from ..ir import ancestors, descendants, is_op, tensor_meta
 from ..pipeline import PassContext, PassResult
 from ..tokens import Decline, attn_mask, padding_input
-from ..verify import node_values
+from ..verify import VALID_ONLY, node_values
 
-__all__ = ["UnPad", "VALID_ONLY"]
+__all__ = ["UnPad"]
 
 aten = torch.ops.aten
 txc = torch.ops.txc
-# gm.meta key: the name of the padding-mask input; outputs at its padded positions are unspecified (zeros here).
-VALID_ONLY = "txc_valid_tokens_only"
 
 
 @dataclass(frozen=True)
