@@ -126,7 +126,7 @@ class EarlyExit:
             # A given threshold needs no calibration rows: then the heads train on every batch.
             fit, calibrate_on = _split(observed, self.holdout if self.threshold is None else 0.0)
             adapters = train_adapters(head, fit, metric, steps=self.train_steps, lr=self.lr, seed=self.seed)
-            if calibrate_on is observed and self.threshold is None:
+            if calibrate_on is observed and self.threshold is None and self.holdout > 0:
                 notes.append("too few calibration batches to hold any out: the threshold is calibrated on the rows "
                              "the exit heads were trained on (optimistic)")  # fmt: skip
         table = exit_table(head, calibrate_on, criterion, metric, adapters)

@@ -35,17 +35,18 @@ Memory traffic, in bytes per element of x, with b the element size (2 for fp16/b
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the module must import anyway: the launchers raise instead
-    triton = None
-    tl = None
+from ._common import (
+    INTERPRET as _INTERPRET,
+    describe as _describe,
+    jit as _jit,
+    launchable as _launchable,
+    to_dtype as _to,
+    tl,
+    triton,
+)
 
 __all__ = ["MAX_BLOCK", "add_layer_norm", "add_layer_norm_reference", "add_rms_norm", "add_rms_norm_reference"]
 
@@ -53,26 +54,6 @@ MAX_BLOCK = 8192  # widest row held in registers whole; fp32 at 16 warps is 16 r
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements per program: with small C one row per program would leave most lanes of a program idle.
 _TILE = 2048
-# Read once, like triton's own `jit` does when it decides whether to build interpreted kernels.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-@_jit
-def _to(v, dtype: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr):
-    if BF16_RNE_BY_HAND and dtype == tl.bfloat16:
-        # The interpreter truncates fp32 -> bf16 where GPUs round to nearest even (Triton's default for downcasts),
-        # which would make interpreted results disagree with the GPU's and torch's. Round by hand: adding 0x7FFF plus
-        # the lowest kept bit carries into the kept bits past the halfway point, and on an exact tie only when that
-        # bit is odd. (A NaN with an all-ones payload would wrap to zero; nothing here produces one.)
-        u = v.to(tl.uint32, bitcast=True)
-        u += 0x7FFF + ((u >> 16) & 1)
-        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dtype)
 
 
 @_jit
@@ -175,15 +156,6 @@ def _add_norm_kernel(
 def _require_triton() -> None:
     if triton is None:
         raise RuntimeError("the Triton add+norm kernels need the `triton` package: pip install triton")
-
-
-def _describe(t: object) -> str:
-    return f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-
-
-def _launchable(t: Tensor, name: str) -> None:
-    if t.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"{name} is on {t.device}; Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
 
 
 def _check(x, residual, weight, bias, eps) -> None:

@@ -50,29 +50,24 @@ E.g. T = 4096, D = 64, BLOCK_M = 128: 4*T*D + 4*T^2 = 68M element accesses per h
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the module must import anyway: the launchers raise instead
-    triton = None
-    tl = None
+from ._common import (
+    INTERPRET as _INTERPRET,
+    describe as _describe,
+    jit as _jit,
+    launchable as _launchable,
+    tl,
+    triton,
+)
 
 __all__ = ["attention", "attention_reference", "varlen_attention", "varlen_attention_reference"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
-# Read once, like triton's own `jit` does when it decides whether to build interpreted kernels.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
 
 
 def _attn_configs() -> list:
@@ -264,15 +259,6 @@ def _varlen_fwd_kernel(
 def _require_triton() -> None:
     if triton is None:
         raise RuntimeError("the Triton attention kernels need the `triton` package: pip install triton")
-
-
-def _describe(t: object) -> str:
-    return f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-
-
-def _launchable(t: Tensor, name: str) -> None:
-    if t.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"{name} is on {t.device}; Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
 
 
 def _dot_precision(device: torch.device) -> str:

@@ -27,27 +27,22 @@ writes 1 byte per element, where separate scale/round/clamp/cast ops would strea
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the module must import anyway: the launchers raise instead
-    triton = None
-    tl = None
+from ._common import (
+    INTERPRET as _INTERPRET,
+    describe as _describe,
+    grouped_tile as _tile,
+    jit as _jit,
+    launchable as _launchable,
+    tl,
+    triton,
+)
 
 __all__ = ["int8_gemm", "int8_gemm_reference", "quantize_per_tensor", "quantize_per_tensor_reference"]
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Read once, like triton's own `jit` does when it decides whether to build interpreted kernels.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
 
 
 def _gemm_configs() -> list:
@@ -84,15 +79,7 @@ def _int8_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    # Grouped launch order: consecutive programs share the same W column block while it is still in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size)
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -150,15 +137,6 @@ def _quantize_kernel(
 def _require_triton() -> None:
     if triton is None:
         raise RuntimeError("the Triton int8 kernels need the `triton` package: pip install triton")
-
-
-def _describe(t: object) -> str:
-    return f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-
-
-def _launchable(t: Tensor, name: str) -> None:
-    if t.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"{name} is on {t.device}; Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
 
 
 def _scalar(value: float | Tensor, name: str, device: torch.device) -> Tensor:

@@ -41,18 +41,20 @@ the saving is launches rather than bytes.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the module must import anyway: the launchers raise instead
-    triton = None
-    tl = None
+from ._common import (
+    INTERPRET as _INTERPRET,
+    describe as _describe,
+    jit as _jit,
+    launchable as _launchable,
+    grouped_tile as _tile,
+    tl,
+    triton,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -65,12 +67,6 @@ __all__ = [
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "silu", "relu")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Read once, like triton's own `jit` does when it decides whether to build interpreted kernels.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
 
 
 def _gemm_configs(accumulators: int) -> list:
@@ -110,20 +106,6 @@ def _autotune(accumulators: int):
         return triton.autotune(configs=_gemm_configs(accumulators), key=["M", "N", "K"])(fn)
 
     return wrap
-
-
-@_jit
-def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped launch order: consecutive programs share the same W column block while it is still in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size)
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
-    return pid_m, pid_n
 
 
 @_jit
@@ -242,15 +224,6 @@ def _linear_swiglu_kernel(
 def _require_triton() -> None:
     if triton is None:
         raise RuntimeError("the Triton linear-epilogue kernels need the `triton` package: pip install triton")
-
-
-def _describe(t: object) -> str:
-    return f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-
-
-def _launchable(t: Tensor, name: str) -> None:
-    if t.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"{name} is on {t.device}; Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
 
 
 def _check_x(x: object) -> None:
