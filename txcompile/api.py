@@ -41,8 +41,13 @@ class OptimizedModule(nn.Module):
         info = capture_info(self.graph_module)
         if info is not None and info.call is not None:
             args, kwargs = info.call.adapt(args, kwargs)
-        program = self.graph_module if self._program is None else self._program
-        return program(*args, **kwargs)
+        return self.program(*args, **kwargs)
+
+    @property
+    def program(self) -> Any:
+        """What the backend lowered `graph_module` to: the same module for eager, a GraphModule with `txc_triton::`
+        kernel ops for triton. It is what runs, and what `txcompile convert` saves."""
+        return self.graph_module if self._program is None else self._program
 
     @property
     def call_spec(self) -> CallSpec | None:
@@ -169,6 +174,8 @@ def optimize(
     step(f"lower to {be.name}")
     lowered = be.lower(gm, inputs, strict=strict)
     report.fallbacks = list(lowered.fallbacks)
+    report.kernels = dict(lowered.kernels)
+    report.lowering_error = lowered.error
     report.seconds["lower"] = time.perf_counter() - t
     report.seconds["total"] = time.perf_counter() - start
     return OptimizedModule(gm, lowered.program, report, be)

@@ -103,6 +103,11 @@ def save(
     if unknown:
         raise ArtifactError(f"unknown artifact format(s) {unknown}; valid formats: {list(FORMATS)}")
     gm, info = _program_of(opt)
+    if "onnx" in formats and gm is not getattr(opt, "graph_module", gm):
+        raise ArtifactError(
+            f"ONNX cannot hold the {getattr(opt.report, 'backend', 'lowered')} backend's kernel ops; convert with "
+            "--backend eager for --format onnx (ONNX runtimes bring their own fused kernels)"
+        )
     trace_inputs = _program_inputs(info, example_inputs)
     target = Path(out)
     with _atomic_directory(target, force=force) as tmp:
@@ -140,6 +145,9 @@ def _timed(seconds: dict[str, float], key: str) -> Iterator[None]:
 
 def _program_of(opt: Any) -> tuple[fx.GraphModule, CaptureInfo]:
     gm = getattr(opt, "graph_module", opt)
+    lowered = getattr(opt, "program", None)
+    if isinstance(lowered, fx.GraphModule):  # a backend's lowered program (Triton kernel ops) is what runs: save it
+        gm = lowered
     info = capture_info(gm) if isinstance(gm, fx.GraphModule) else None
     if info is None or info.call is None:
         raise ArtifactError(
@@ -208,7 +216,7 @@ def _widen_named(value: Any, spec: InputSpec | None) -> Any:
 
 
 def _pytree_types(ep: ExportedProgram) -> list[str]:
-    """"module:qualname" of the non-builtin containers in the program's inputs and outputs (e.g. HF ModelOutputs).
+    """ "module:qualname" of the non-builtin containers in the program's inputs and outputs (e.g. HF ModelOutputs).
 
     Deserializing the program needs each registered again, which happens when its module is imported.
     """
@@ -267,7 +275,7 @@ def _write_reports(tmp: Path, opt: Any, label: str, text: str | None, page: str 
 def _html_page(title: str, text: str) -> str:
     """The text report as one self-contained page (used when the caller has no richer HTML)."""
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>txcompile: {html.escape(title)}</title></head>\n"
         f"<body><h1>txcompile: {html.escape(title)}</h1>\n<pre>{html.escape(text)}</pre></body></html>\n"
     )

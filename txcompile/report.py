@@ -23,6 +23,8 @@ class Report:
     capture_error: dict[str, Any] | None = None  # the captured graph vs the model, before any pass
     records: list[PassRecord] = field(default_factory=list)
     fallbacks: list[Fallback] = field(default_factory=list)
+    kernels: dict[str, int] = field(default_factory=dict)  # fused kernel -> groups it replaced (triton backend)
+    lowering_error: dict[str, Any] | None = None  # the lowered program vs the unlowered one on the example inputs
     seconds: dict[str, float] = field(default_factory=dict)  # capture / passes / lower / total
     # Set when a pass changed the token count: tokens entering each block and the blocks' FLOPs before and after, as
     # expressions (B batch, T input tokens) and at the example shape.
@@ -41,6 +43,8 @@ class Report:
             "capture_error": self.capture_error,
             "passes": [asdict(r) for r in self.records],
             "fallbacks": [asdict(f) for f in self.fallbacks],
+            "kernels": self.kernels,
+            "lowering_error": self.lowering_error,
             "seconds": self.seconds,
             "tokens": self.tokens,
             "quant": self.quant,
@@ -79,14 +83,25 @@ class Report:
             text += "\n" + quant_table(self.quant)
         if self.early_exit is not None:
             text += "\n" + exit_summary(self.early_exit)
+        if self.kernels:
+            err = f" (vs unlowered: {_fmt_error(self.lowering_error)})" if self.lowering_error else ""
+            text += "\nkernels: " + ", ".join(f"{k} x{n}" for k, n in self.kernels.items()) + err
         if self.fallbacks:
-            text += f"\n{len(self.fallbacks)} node(s) run as plain ATen: " + ", ".join(
-                f"{f.node} ({f.op}: {f.reason})" for f in self.fallbacks[:10]
+            text += f"\n{len(self.fallbacks)} node(s) run as plain ATen:" + "".join(
+                f"\n  {len(names)} x {op}: {reason} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+                for (op, reason), names in _by_reason(self.fallbacks).items()
             )
         return text
 
     def __repr__(self) -> str:
         return f"Report(model={self.model!r}, backend={self.backend!r}, passes={[r.spec for r in self.records]})"
+
+
+def _by_reason(fallbacks: list[Fallback]) -> dict[tuple[str, str], list[str]]:
+    groups: dict[tuple[str, str], list[str]] = {}
+    for f in fallbacks:
+        groups.setdefault((f.op, f.reason), []).append(f.node)
+    return groups
 
 
 def render_table(title: str, header: list[str], rows: list[list[str]], width: int = 140) -> str:

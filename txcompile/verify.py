@@ -102,6 +102,22 @@ def compare(expected: Any, actual: Any, *, scale: float = 1.0) -> Comparison:
     return worst
 
 
+def normwise_error(expected: Any, actual: Any) -> float:
+    """The largest max|actual - expected| / max|expected| over the output tensors (0 for empty outputs).
+
+    For comparing two fp16/bf16 implementations of one program (kernels vs ATen): they round at different points,
+    so elementwise tolerances near zero are meaningless while the error relative to the output's scale is not.
+    """
+    worst = 0.0
+    for _, e, a in _pairs(expected, actual):
+        if e.shape != a.shape:
+            return math.inf
+        if e.numel() and e.is_floating_point():
+            e64, a64 = e.detach().double(), a.detach().to(e.device).double()
+            worst = max(worst, float((a64 - e64).abs().max() / e64.abs().max().clamp_min(1e-30)))
+    return worst
+
+
 def output_cosine(expected: Any, actual: Any) -> float:
     """Cosine similarity of all output tensors, flattened and concatenated: the approximate contract's metric."""
     flat = [

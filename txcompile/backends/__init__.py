@@ -7,10 +7,11 @@ from typing import Any
 from ..errors import SpecError
 from .base import Backend, Fallback, Lowered
 from .eager import EagerBackend
+from .triton.lowering import TritonBackend
 
-ALL_BACKENDS: tuple[type, ...] = (EagerBackend,)
+ALL_BACKENDS: tuple[type, ...] = (EagerBackend, TritonBackend)
 
-__all__ = ["ALL_BACKENDS", "Backend", "Fallback", "Lowered", "EagerBackend", "get_backend"]
+__all__ = ["ALL_BACKENDS", "Backend", "Fallback", "Lowered", "EagerBackend", "TritonBackend", "get_backend"]
 
 
 def get_backend(backend: Any) -> Any:

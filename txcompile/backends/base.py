@@ -26,6 +26,8 @@ class Lowered:
 
     program: Callable[..., Any]
     fallbacks: list[Fallback] = field(default_factory=list)
+    kernels: dict[str, int] = field(default_factory=dict)  # fused kernel -> how many nodes groups it replaced
+    error: dict[str, Any] | None = None  # the lowered program vs the unlowered one on the example inputs
 
 
 @runtime_checkable

@@ -63,7 +63,9 @@ def test_dense_half(dtype: torch.dtype) -> None:
     bias = torch.randn(2, 1, 1, 31, device=DEVICE).to(dtype)
     out = attention(q, k, v, bias=bias, causal=True, scale=0.3)
     assert out.dtype == dtype
-    torch.testing.assert_close(out, attention_reference(q, k, v, bias=bias, causal=True, scale=0.3))
+    # P is rounded to fp16 for P.V, as in FlashAttention; the fp32 reference keeps it: ~1 fp16 ulp of P apart.
+    tol = {"rtol": 1e-3, "atol": 1e-3} if dtype == torch.float16 else {}
+    torch.testing.assert_close(out, attention_reference(q, k, v, bias=bias, causal=True, scale=0.3), **tol)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 17, 31), (2, 1, 1, 31), (2, 3, 17, 31), (31,)])
@@ -214,7 +216,8 @@ def test_attention_cuda(dtype: torch.dtype) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     # Sizes that exercise the autotuned 64/128-row tiles, D = 256 and ragged edges.
-    tol = {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {}
+    # fp16 rounds P for P.V (FlashAttention does too); the reference keeps P in fp32.
+    tol = {torch.float32: {"rtol": 2e-5, "atol": 2e-5}, torch.float16: {"rtol": 2e-3, "atol": 2e-3}}.get(dtype, {})
     for b, h, h_kv, t, d in [(2, 8, 2, 1000, 64), (1, 4, 4, 333, 256), (3, 12, 12, 197, 72)]:
         q, k, v = _qkv(b, h, h_kv, t, t, d, dtype=dtype, device="cuda")
         bias = torch.randn(b, 1, 1, t, device="cuda")

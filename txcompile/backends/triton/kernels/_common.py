@@ -60,3 +60,10 @@ def describe(t: object) -> str:
 def launchable(t: Tensor, name: str) -> None:
     if t.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"{name} is on {t.device}; Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
+
+
+if triton is not None and not INTERPRET:
+    # Before any kernel here is compiled: Triton then keeps the binaries under txcompile's cache directory too.
+    from ..tuning import use_disk_cache_for_compiled_kernels
+
+    use_disk_cache_for_compiled_kernels()

@@ -32,9 +32,11 @@ and divides O by l once after the last tile. S and P live only in registers; the
 log2(e) folded into the scale. With `causal`, key tiles entirely above the diagonal are never loaded (the loop
 stops at the query tile's last visible key), which halves the work for Tq == Tk. Packed sequences launch
 cdiv(max_seqlen, BLOCK_M) query tiles per (sequence, head); tiles past a sequence's end exit at once.
-Q K^T runs on the input dtype (fp16/bf16 products are exact in fp32, accumulation is fp32). P stays fp32 for
-P V, unlike FlashAttention's cast to fp16/bf16, so the results meet fp32-grade tolerances; on CUDA the fp32 dots
-use "tf32x3" (three tf32 tensor-core products, ~fp32 accuracy) instead of scalar fp32 FMAs.
+Q K^T runs on the input dtype (fp16/bf16 products are exact in fp32, accumulation is fp32). For fp16/bf16 inputs
+P is rounded to the input dtype for P V, as FlashAttention does, so both dots run on tensor cores at full rate (an
+fp32 P V costs three tf32 products per element, several times slower); the error that adds is below the dtype's
+tolerance on the output. fp32 inputs keep P in fp32, and on CUDA their dots use "tf32x3" (three tf32 tensor-core
+products, ~fp32 accuracy) instead of scalar fp32 FMAs.
 
 Memory traffic, in bytes, for B x H heads, Tq = Tk = T, head dim D, e bytes per element of q/k/v:
     materialising S and P (matmul, softmax, matmul): read Q, K (2*B*H*T*D*e), write S (B*H*T^2*e), softmax reads
@@ -54,6 +56,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import tuning as _tuning
 from ._common import (
     INTERPRET as _INTERPRET,
     describe as _describe,
@@ -70,23 +73,27 @@ _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 
 
-def _attn_configs() -> list:
-    if triton is None:
-        return []
-    if _INTERPRET:  # every program runs in Python here: one small tile keeps tests fast and needs no tuning
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages). Large D and fp32 inputs outgrow shared memory with the big tiles
-    # (the fp32 operands of the tf32x3 dots are staged there): fp32 at D = 256 fits only the last, single-stage
-    # tile on sm_80/sm_90. The autotuner skips configs that do not fit, so the small ones are the fallback.
-    shapes = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+_BLOCKS = ("BLOCK_M", "BLOCK_N")
 
 
-def _autotune(fn):
-    if triton is None:
-        return fn
-    # Not keyed on sequence length: varying lengths (every varlen batch) would otherwise re-tune on each call.
-    return triton.autotune(configs=_attn_configs(), key=["BLOCK_D", "CAUSAL"])(fn)
+def _configs(shapes: list) -> tuple:
+    if _INTERPRET:  # every program runs in Python here: one small tile keeps tests fast, and nothing is timed
+        return ({"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1},)
+    return tuple({"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s} for m, n, w, s in shapes)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the default when nothing is timed. Large D and fp32 inputs
+# outgrow shared memory with the big tiles (the fp32 operands of the tf32x3 dots are staged there): fp32 at D > 128
+# fits only the small single-stage tile on sm_80/sm_90, so that is its default; the tuner skips what does not fit.
+_SHAPES = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (32, 32, 4, 1)]
+_CONFIGS = _configs([(64, 32, 4, 2), *_SHAPES])
+_CONFIGS_WIDE_ROWS = _configs([(32, 32, 4, 1), (64, 32, 4, 2), *_SHAPES[:-1]])
+_TUNER = _tuning.Tuner("attention", __file__)
+_VARLEN_TUNER = _tuning.Tuner("varlen_attention", __file__)
+
+
+def _candidates(dtype: torch.dtype, block_d: int) -> tuple:
+    return _CONFIGS_WIDE_ROWS if block_d * dtype.itemsize > 512 else _CONFIGS
 
 
 @_jit
@@ -139,13 +146,15 @@ def _attn_tile(
             mask=n_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision=DOT_PRECISION)
+        if q.dtype == tl.float32:  # fp32 inputs (or bf16 upcast for the interpreter): P.V at ~fp32 accuracy
+            acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision=DOT_PRECISION)
+        else:  # fp16/bf16: P rounded to the input dtype, so P.V runs on tensor cores at full rate (FlashAttention-2)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     # l == 0 only for rows with no visible key, whose accumulator is 0 as well: they come out as zeros.
     return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
 
 
-@_autotune
 @_jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, b_ptr, kp_ptr,
@@ -203,7 +212,6 @@ def _attn_fwd_kernel(
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
 
-@_autotune
 @_jit
 def _varlen_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr,
@@ -337,9 +345,13 @@ def attention(
     key_padding: Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
+    config: dict | None = None,
 ) -> Tensor:
     """softmax(scale * q @ k^T + bias, masked) @ v for q [B, H, Tq, D] and k, v [B, Hkv, Tk, D]; see the module
-    docstring for the masking conventions. Any strides; the output is a new contiguous [B, H, Tq, D] tensor."""
+    docstring for the masking conventions. Any strides; the output is a new contiguous [B, H, Tq, D] tensor.
+
+    `config` ({"BLOCK_M", "BLOCK_N"}, optionally "num_warps"/"num_stages") skips the tuner.
+    """
     group, scale, bias = _check_dense(q, k, v, bias, key_padding, scale)
     _require_triton()
     _launchable(q, "q")
@@ -354,22 +366,36 @@ def attention(
     kp = key_padding.view(torch.uint8) if key_padding is not None else q
     kp_strides = key_padding.stride() if key_padding is not None else (0, 0)
 
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(tq, meta["BLOCK_M"]) * bsz * h,)
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot wants every dim >= 16
 
-    _attn_fwd_kernel[grid](
-        q, k, v, out, b, kp,
-        h, group, tq, tk, d, scale * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *b_strides, *kp_strides,
-        HAS_BIAS=bias is not None,
-        BIAS_IS_MASK=bias is not None and bias.dtype == torch.uint8,
-        HAS_KEY_PADDING=key_padding is not None,
-        CAUSAL=bool(causal),
-        QK_FP32=_qk_fp32(q),
-        DOT_PRECISION=_dot_precision(q.device),
-        BLOCK_D=max(16, triton.next_power_of_2(d)),  # tl.dot wants every dim >= 16
-        enable_fp_fusion=True,  # fma contraction only helps here: nothing is meant to round like torch bit for bit
-    )  # fmt: skip
+    def launch(cfg: dict) -> None:
+        blocks, options = _tuning.launch_parameters(cfg, _BLOCKS)
+        _attn_fwd_kernel[(triton.cdiv(tq, blocks["BLOCK_M"]) * bsz * h,)](
+            q, k, v, out, b, kp,
+            h, group, tq, tk, d, scale * _LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *b_strides, *kp_strides,
+            HAS_BIAS=bias is not None,
+            BIAS_IS_MASK=bias is not None and bias.dtype == torch.uint8,
+            HAS_KEY_PADDING=key_padding is not None,
+            CAUSAL=bool(causal),
+            QK_FP32=_qk_fp32(q),
+            DOT_PRECISION=_dot_precision(q.device),
+            BLOCK_D=block_d,
+            enable_fp_fusion=True,  # fma contraction only helps: nothing is meant to round like torch bit for bit
+            **blocks, **options,
+        )  # fmt: skip
+
+    key = {
+        "Tq": _tuning.next_power_of_2(tq),
+        "Tk": _tuning.next_power_of_2(tk),
+        "D": d,
+        "causal": bool(causal),
+        "bias": "none" if bias is None else "mask" if bias.dtype == torch.uint8 else "float",
+        "key_padding": key_padding is not None,
+        "kv_group": group,
+    }
+    dtypes = [q.dtype] if bias is None else [q.dtype, bias.dtype]
+    _TUNER.launch(launch, _candidates(q.dtype, block_d), key=key, dtypes=dtypes, device=q.device, config=config)
     return out
 
 
@@ -448,10 +474,12 @@ def varlen_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    config: dict | None = None,
 ) -> Tensor:
     """Attention within each packed sequence: q [total, H, D], k/v [total, Hkv, D], cu_seqlens [num_seqs + 1].
 
     `max_seqlen` (>= the longest sequence) sizes the grid. Output [total, H, D] in q's dtype, contiguous.
+    `config` as for `attention`.
     """
     group, scale = _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
     _require_triton()
@@ -463,19 +491,27 @@ def varlen_attention(
         return out
     cu = cu_seqlens.contiguous()
 
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * num_seqs * h,)
+    block_d = max(16, triton.next_power_of_2(d))
 
-    _varlen_fwd_kernel[grid](
-        q, k, v, out, cu,
-        h, group, d, max_seqlen, scale * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        CAUSAL=bool(causal),
-        QK_FP32=_qk_fp32(q),
-        DOT_PRECISION=_dot_precision(q.device),
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
-        enable_fp_fusion=True,
-    )  # fmt: skip
+    def launch(cfg: dict) -> None:
+        blocks, options = _tuning.launch_parameters(cfg, _BLOCKS)
+        _varlen_fwd_kernel[(triton.cdiv(max_seqlen, blocks["BLOCK_M"]) * num_seqs * h,)](
+            q, k, v, out, cu,
+            h, group, d, max_seqlen, scale * _LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            CAUSAL=bool(causal),
+            QK_FP32=_qk_fp32(q),
+            DOT_PRECISION=_dot_precision(q.device),
+            BLOCK_D=block_d,
+            enable_fp_fusion=True,
+            **blocks, **options,
+        )  # fmt: skip
+
+    # Keyed on the longest sequence, bucketed: every batch of a varlen workload has its own max_seqlen.
+    key = {"max_seqlen": _tuning.next_power_of_2(max_seqlen), "D": d, "causal": bool(causal)}
+    _VARLEN_TUNER.launch(
+        launch, _candidates(q.dtype, block_d), key=key, dtypes=[q.dtype], device=q.device, config=config
+    )
     return out
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import tuning as _tuning
 from ._common import (
     INTERPRET as _INTERPRET,
     describe as _describe,
@@ -45,32 +46,27 @@ __all__ = ["int8_gemm", "int8_gemm_reference", "quantize_per_tensor", "quantize_
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _gemm_configs() -> list:
-    if triton is None:
-        return []
-    if _INTERPRET:  # every program runs in Python here: one small tile keeps tests fast and needs no tuning
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=1, num_stages=1)]
-    # int8 tl.dot on CUDA wants BLOCK_K >= 32 and tiles in multiples of 16.
-    shapes = [
-        (128, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 128, 4, 3),
-        (128, 128, 128, 8, 3),
-    ]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in shapes
-    ]
+_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). int8 tl.dot on CUDA wants BLOCK_K >= 32 and tiles in multiples
+# of 16. The first is the default when nothing is timed; under the interpreter every program runs in Python, so one
+# small tile keeps the tests fast.
+_CONFIGS = (
+    ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 1, "num_stages": 1},)
+    if _INTERPRET
+    else tuple(
+        {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_warps": w, "num_stages": s}
+        for m, n, k, w, s in [
+            (64, 64, 128, 4, 3),
+            (128, 128, 64, 8, 3),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 128, 128, 8, 3),
+        ]
+    )
+)
+_TUNER = _tuning.Tuner("int8_gemm", __file__)
 
 
-def _autotune(fn):
-    if triton is None:
-        return fn
-    return triton.autotune(configs=_gemm_configs(), key=["M", "N", "K"])(fn)
-
-
-@_autotune
 @_jit
 def _int8_gemm_kernel(
     x_ptr, w_ptr, out_ptr, x_scale_ptr, w_scale_ptr, bias_ptr,
@@ -179,8 +175,13 @@ def int8_gemm(
     w_scale: Tensor,
     bias: Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
+    *,
+    config: dict | None = None,
 ) -> Tensor:
-    """out[M, N] = (x_q[M, K] @ w_q[N, K].T in int32) * x_scale * w_scale[N] + bias[N], stored as `out_dtype`."""
+    """out[M, N] = (x_q[M, K] @ w_q[N, K].T in int32) * x_scale * w_scale[N] + bias[N], stored as `out_dtype`.
+
+    `config` ({"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}, optionally "num_warps"/"num_stages") skips the tuner.
+    """
     xs, ws = _check_gemm(x_q, w_q, x_scale, w_scale, bias, out_dtype)
     _require_triton()
     _launchable(x_q, "x_q")
@@ -191,16 +192,20 @@ def int8_gemm(
     ws = ws.contiguous()
     b = bias.contiguous() if bias is not None else ws  # never read when HAS_BIAS is False; any pointer will do
 
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    def launch(cfg: dict) -> None:
+        blocks, options = _tuning.launch_parameters(cfg, _BLOCKS)
+        grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
+        _int8_gemm_kernel[grid](
+            x_q, w_q, out, xs, ws, b,
+            m, n, k,
+            x_q.stride(0), x_q.stride(1), w_q.stride(0), w_q.stride(1), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None,
+            enable_fp_fusion=False,
+            **blocks, **options,
+        )  # fmt: skip
 
-    _int8_gemm_kernel[grid](
-        x_q, w_q, out, xs, ws, b,
-        m, n, k,
-        x_q.stride(0), x_q.stride(1), w_q.stride(0), w_q.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None,
-        enable_fp_fusion=False,
-    )  # fmt: skip
+    key = {"M": _tuning.next_power_of_2(m), "N": n, "K": k}
+    _TUNER.launch(launch, _CONFIGS, key=key, dtypes=[x_q.dtype, out_dtype], device=x_q.device, config=config)
     return out
 
 

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import tuning as _tuning
 from ._common import (
     INTERPRET as _INTERPRET,
     describe as _describe,
@@ -69,43 +70,49 @@ ACTIVATIONS = ("none", "gelu", "gelu_tanh", "silu", "relu")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _gemm_configs(accumulators: int) -> list:
-    if triton is None:
-        return []
-    if _INTERPRET:  # every program runs in Python here: one small tile keeps tests fast and needs no tuning
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=1, num_stages=1)]
-    if accumulators == 1:
-        shapes = [
-            (128, 256, 64, 8, 3),
-            (128, 128, 64, 4, 4),
-            (128, 64, 32, 4, 4),
-            (64, 128, 32, 4, 4),
-            (64, 64, 64, 4, 3),
-            (32, 64, 64, 4, 4),  # small M (decoding): a narrow M tile wastes less of the tensor core work
-        ]
-    else:
-        # Two fp32 accumulators and two W tiles per stage: halve the N extent to keep registers and shared memory
-        # where the single-accumulator kernel has them.
-        shapes = [
-            (128, 128, 64, 8, 3),
-            (128, 64, 64, 4, 3),
-            (64, 128, 32, 4, 4),
-            (64, 64, 64, 4, 3),
-            (32, 64, 64, 4, 4),
-        ]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+# Under the interpreter every program runs in Python: one small tile keeps the tests fast, and nothing is timed.
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 1, "num_stages": 1}
+_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+
+
+def _interpreted(config: dict | None, m: int, n: int) -> dict | None:
+    # Under the interpreter one tile is one numpy op, so whole models (the backend's tests) take a big tile: a
+    # MiniLM-sized GEMM drops from ~10 s to under 1 s. Small problems keep the small tile, which covers edges better.
+    if config is None and _INTERPRET and m >= 64 and n >= 128:
+        return {**_INTERPRETER_CONFIG, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}
+    return config
+
+
+def _configs(shapes: list) -> tuple:
+    if _INTERPRET:
+        return (_INTERPRETER_CONFIG,)
+    return tuple(
+        {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_warps": w, "num_stages": s}
         for m, n, k, w, s in shapes
-    ]
+    )
 
 
-def _autotune(accumulators: int):
-    def wrap(fn):
-        if triton is None:
-            return fn
-        return triton.autotune(configs=_gemm_configs(accumulators), key=["M", "N", "K"])(fn)
-
-    return wrap
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The first is the default when nothing is timed, so it is one
+# that fits shared memory in fp32 too; the tuner skips the others where they do not fit.
+_ACT_CONFIGS = _configs([
+    (64, 64, 64, 4, 3),
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 4, 4),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (32, 64, 64, 4, 4),  # small M (decoding): a narrow M tile wastes less of the tensor core work
+])  # fmt: skip
+# Two fp32 accumulators and two W tiles per stage: half the N extent keeps registers and shared memory where the
+# single-accumulator kernel has them.
+_SWIGLU_CONFIGS = _configs([
+    (64, 64, 64, 4, 3),
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 3),
+    (64, 128, 32, 4, 4),
+    (32, 64, 64, 4, 4),
+])  # fmt: skip
+_ACT_TUNER = _tuning.Tuner("linear_act", __file__)
+_SWIGLU_TUNER = _tuning.Tuner("linear_swiglu", __file__)
 
 
 @_jit
@@ -140,7 +147,6 @@ def _operand(ptrs, mask, UPCAST: tl.constexpr):
     return t
 
 
-@_autotune(accumulators=1)
 @_jit
 def _linear_act_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
@@ -178,7 +184,6 @@ def _linear_act_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok & n_ok)
 
 
-@_autotune(accumulators=2)
 @_jit
 def _linear_swiglu_kernel(
     x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, out_ptr,
@@ -294,8 +299,13 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     return {"DOT_PRECISION": precision, "UPCAST": _INTERPRET and dtype == torch.bfloat16}
 
 
-def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "none") -> Tensor:
-    """act(x[..., K] @ weight[N, K].T + bias[N]) as [..., N] in x's dtype, in one kernel (fp32 accumulate/epilogue)."""
+def linear_act(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "none", *, config: dict | None = None
+) -> Tensor:
+    """act(x[..., K] @ weight[N, K].T + bias[N]) as [..., N] in x's dtype, in one kernel (fp32 accumulate/epilogue).
+
+    `config` ({"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}, optionally "num_warps"/"num_stages") skips the tuner.
+    """
     _check_act(x, weight, bias, activation)
     _require_triton()
     _launchable(x, "x")
@@ -305,22 +315,36 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation
     if m and n:
         b = bias.contiguous() if bias is not None else out  # never read when HAS_BIAS is False; any pointer will do
 
-        def grid(meta: dict) -> tuple[int]:
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        def launch(cfg: dict) -> None:
+            blocks, options = _tuning.launch_parameters(cfg, _BLOCKS)
+            grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
+            _linear_act_kernel[grid](
+                x2, weight, b, out,
+                m, n, k,
+                x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+                HAS_BIAS=bias is not None, ACTIVATION=activation, **_dot_flags(x.dtype), **blocks, **options,
+            )  # fmt: skip
 
-        _linear_act_kernel[grid](
-            x2, weight, b, out,
-            m, n, k,
-            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, ACTIVATION=activation, **_dot_flags(x.dtype),
-        )  # fmt: skip
+        key = {"M": _tuning.next_power_of_2(m), "N": n, "K": k, "activation": activation}
+        _ACT_TUNER.launch(
+            launch, _ACT_CONFIGS, key=key, dtypes=[x.dtype], device=x.device, config=_interpreted(config, m, n)
+        )
     return out.reshape(*x.shape[:-1], n)
 
 
 def linear_swiglu(
-    x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None = None, b_up: Tensor | None = None
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    b_gate: Tensor | None = None,
+    b_up: Tensor | None = None,
+    *,
+    config: dict | None = None,
 ) -> Tensor:
-    """silu(x @ w_gate.T + b_gate) * (x @ w_up.T + b_up) as [..., N] in x's dtype: two accumulators, one store."""
+    """silu(x @ w_gate.T + b_gate) * (x @ w_up.T + b_up) as [..., N] in x's dtype: two accumulators, one store.
+
+    `config` as for `linear_act`.
+    """
     _check_swiglu(x, w_gate, w_up, b_gate, b_up)
     _require_triton()
     _launchable(x, "x")
@@ -331,22 +355,30 @@ def linear_swiglu(
         bg = b_gate.contiguous() if b_gate is not None else out  # never read without its HAS_BIAS flag
         bu = b_up.contiguous() if b_up is not None else out
 
-        def grid(meta: dict) -> tuple[int]:
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        def launch(cfg: dict) -> None:
+            blocks, options = _tuning.launch_parameters(cfg, _BLOCKS)
+            grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
+            _linear_swiglu_kernel[grid](
+                x2, w_gate, w_up, bg, bu, out,
+                m, n, k,
+                x2.stride(0), x2.stride(1), w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1),
+                out.stride(0), out.stride(1),
+                HAS_BIAS_G=b_gate is not None, HAS_BIAS_U=b_up is not None, **_dot_flags(x.dtype),
+                **blocks, **options,
+            )  # fmt: skip
 
-        _linear_swiglu_kernel[grid](
-            x2, w_gate, w_up, bg, bu, out,
-            m, n, k,
-            x2.stride(0), x2.stride(1), w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1),
-            out.stride(0), out.stride(1),
-            HAS_BIAS_G=b_gate is not None, HAS_BIAS_U=b_up is not None, **_dot_flags(x.dtype),
-        )  # fmt: skip
+        key = {"M": _tuning.next_power_of_2(m), "N": n, "K": k}
+        _SWIGLU_TUNER.launch(
+            launch, _SWIGLU_CONFIGS, key=key, dtypes=[x.dtype], device=x.device, config=_interpreted(config, m, n)
+        )
     return out.reshape(*x.shape[:-1], n)
 
 
-def linear_swiglu_fused(x: Tensor, w_gate_up: Tensor, b_gate_up: Tensor | None = None) -> Tensor:
+def linear_swiglu_fused(
+    x: Tensor, w_gate_up: Tensor, b_gate_up: Tensor | None = None, *, config: dict | None = None
+) -> Tensor:
     """`linear_swiglu` on a fused [2N, K] weight whose first N rows are the gate (fuse_qkv's [fc1; up] order)."""
-    return linear_swiglu(x, *_split_fused(x, w_gate_up, b_gate_up))
+    return linear_swiglu(x, *_split_fused(x, w_gate_up, b_gate_up), config=config)
 
 
 def _activate_reference(v: Tensor, activation: str) -> Tensor:
