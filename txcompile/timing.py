@@ -15,6 +15,8 @@ def round_robin(candidates: dict[str, Callable[[], Any]], repeats: int, warmup: 
     all of them alike."""
     import torch
 
+    # GPU work is asynchronous: without a sync the clock would stop at the last launch, not at the last kernel.
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.no_grad():
         for fn in candidates.values():
@@ -22,8 +24,10 @@ def round_robin(candidates: dict[str, Callable[[], Any]], repeats: int, warmup: 
                 fn()
         for _ in range(repeats):
             for name, fn in candidates.items():
+                sync()
                 start = time.perf_counter()
                 fn()
+                sync()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 

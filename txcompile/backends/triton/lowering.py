@@ -76,7 +76,7 @@ _PRIORITY = (
 
 @dataclass
 class _Claim:
-    kind: str  # the OPS key
+    kind: str  # the OPS key; "" for an op that already launches a Triton kernel itself (nothing to replace)
     root: fx.Node  # the node whose value the kernel replaces
     args: tuple[Any, ...]
     outputs: dict[fx.Node, int | None] = field(default_factory=dict)  # replaced nodes -> kernel output index
@@ -123,6 +123,12 @@ class TritonBackend:
     def _claim(self, node: fx.Node) -> _Claim | str:
         if is_op(node, aten.scaled_dot_product_attention):
             return _attention(node)
+        if is_op(node, txc.int8_linear, txc.quantize_act):
+            # These ops pick their kernel at run time: the Triton int8 GEMM and quantizer on CUDA, oneDNN on CPU.
+            val = tensor_meta(node.args[0])
+            if isinstance(val, torch.Tensor) and val.device.type == "cuda":
+                return _Claim("", node, ())
+            return f"{op_name(node)} runs the Triton int8 kernels on CUDA only (oneDNN or the reference here)"
         if is_op(node, txc.varlen_attention):
             return _ready(node, node.args[:3]) or _Claim("varlen_attention", node, tuple(node.args))
         if is_op(node, aten.softmax, aten._softmax):
@@ -157,7 +163,7 @@ class TritonBackend:
                 if getattr(node, "_erased", False) or not node.users:
                     continue  # folded into an earlier kernel, or dead
                 claim = self._claim(node)
-                if isinstance(claim, _Claim):
+                if isinstance(claim, _Claim) and claim.kind:  # kind "" = the op already runs a Triton kernel
                     _replace(graph, claim)
                     kernels[claim.kind] += 1
         graph.eliminate_dead_code()
