@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -122,9 +123,11 @@ def optimize(
         passes: pass specs ("cleanup", "fuse_qkv:gated_mlp=true") or pass objects, run in order.
         example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors (HF style).
         calibration_data: example inputs for passes that calibrate (quantization, early exit thresholds).
-        backend: "eager" (the reference) or another registered backend spec.
+        backend: "eager" (the reference), "triton" (fused Triton kernels, options as in "triton:gemm=triton"), or a
+            Backend object.
         verify: compare the program with the original after every pass; exact passes must stay within the
-            per-dtype tolerance, else `VerificationError` names the pass and the first diverging node.
+            per-dtype tolerance, else `VerificationError` names the pass and the first diverging node. A backend
+            that checks its lowering (triton) skips that check too when this is False.
         strict: make backend fallbacks to plain ATen an error.
         dynamic: keep batch and sequence dims dynamic in the captured program.
         max_iters: rounds of the pass list (a bounded fixpoint).
@@ -138,6 +141,8 @@ def optimize(
     inputs = normalize_inputs(example_inputs)
     pass_list = resolve_passes(passes)  # bad specs fail here, before any work
     be = get_backend(backend)
+    if not verify and getattr(be, "verify", False) is True and dataclasses.is_dataclass(be):
+        be = dataclasses.replace(be, verify=False)  # verify=False also skips the backend's check of its lowering
     calib = list(calibration_data) if calibration_data is not None else None
     if calib is not None:
         calib = [normalize_inputs(c, what="calibration_data item") for c in calib]

@@ -189,3 +189,11 @@ def test_int8_linears_are_left_to_their_own_kernel_choice_and_say_so():
     int8 = [f for f in opt.report.fallbacks if f.op == "txc.int8_linear"]
     assert int8 and all("CUDA only" in f.reason for f in int8)  # on CUDA they run the Triton int8 GEMM themselves
     assert opt.report.kernels.get("layer_norm", 0) + opt.report.kernels.get("add_layer_norm", 0) >= 1
+
+
+def test_verify_false_skips_the_lowering_check_too(monkeypatch):
+    real = linear_epilogue.linear_act
+    monkeypatch.setattr(linear_epilogue, "linear_act", lambda *a, **k: real(*a, **k) * 1.01)
+    model = reference.build("vit")
+    opt = txc.optimize(model, ["cleanup"], example_inputs=model.example_inputs(), backend="triton", verify=False)
+    assert opt.report.lowering_error is None and opt.report.kernels["linear_act"] == 2
