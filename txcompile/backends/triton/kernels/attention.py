@@ -131,7 +131,9 @@ def _attn_tile(
             if BIAS_IS_MASK:
                 keep = keep & (b != 0)
             else:
-                s = s + b.to(tl.float32) * 1.4426950408889634  # log2(e): the bias joins the log2-unit scores
+                # log2(e): the bias joins the log2-unit scores. Clamped first: a finfo.min padding bias times
+                # log2(e) would overflow to -inf, which masks the same but warns under the interpreter.
+                s = s + tl.maximum(b.to(tl.float32), -1e30) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
