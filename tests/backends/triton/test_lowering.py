@@ -36,6 +36,10 @@ CASES = {
         "gpt", {"norm_kind": "rmsnorm", "activation": "swiglu"}, [],
         {"linear_swiglu": 2, "attention": 2, "add_rms_norm": 4, "rms_norm": 1},
     ),
+    # fuse_qkv:gated_mlp=true writes one [gate; up] linear and a split: the fused SwiGLU kernel takes it whole.
+    "gpt swiglu after fuse_qkv": (
+        "gpt", {"activation": "swiglu"}, ["fuse_qkv:gated_mlp=true"], {"linear_swiglu_fused": 2, "attention": 2},
+    ),
     "gpt eager attention": ("gpt", {"attention": "eager"}, [], {"softmax": 2, "linear_act": 2, "add_layer_norm": 4}),
 }  # fmt: skip
 

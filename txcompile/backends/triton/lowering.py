@@ -256,6 +256,9 @@ def _linear_act(act: fx.Node) -> _Claim | str:
 def _swiglu(mul: fx.Node) -> _Claim | str:
     a, b = mul.args[:2]
     for gate, up in ((a, b), (b, a)):
+        fused = _fused_gate_up(gate, up, mul)
+        if fused is not None:
+            return fused
         if not (is_op(gate, aten.silu) and _only_user(gate, mul) and is_op(up, aten.linear) and _only_user(up, mul)):
             continue
         g = gate.args[0]
@@ -268,6 +271,29 @@ def _swiglu(mul: fx.Node) -> _Claim | str:
             "linear_swiglu", mul, (x, wg, wu, bg, bu), folded={g, gate, up}
         )
     return "elementwise mul outside a fused pattern: no generic elementwise fusion yet"
+
+
+def _fused_gate_up(gate: Any, up: Any, mul: fx.Node) -> _Claim | str | None:
+    """silu(h[..., :N]) * h[..., N:] with h = linear(x, [Wg; Wu]) (fuse_qkv:gated_mlp=true), or None."""
+    if not (is_op(gate, aten.silu) and _only_user(gate, mul) and _only_user(up, mul)):
+        return None
+    g = gate.args[0]
+    if not (g.target is operator.getitem and up.target is operator.getitem and _only_user(g, gate)):
+        return None
+    split = g.args[0]
+    if up.args[0] is not split or (g.args[1], up.args[1]) != (0, 1) or not is_op(split, aten.split_with_sizes):
+        return None
+    lin = split.args[0]
+    sizes, dim = split.args[1], split.args[2] if len(split.args) > 2 else 0
+    val = tensor_meta(lin)
+    if not (is_op(lin, aten.linear) and _only_user(lin, split) and isinstance(val, torch.Tensor)):
+        return None
+    if len(sizes) != 2 or sizes[0] != sizes[1] or dim not in (-1, val.dim() - 1) or len(split.users) != 2:
+        return None
+    x, w, bias = _linear_args(lin)
+    return _ready(mul, (x, w, bias)) or _Claim(
+        "linear_swiglu_fused", mul, (x, w, bias), folded={lin, split, g, gate, up}
+    )
 
 
 def _softmax(node: fx.Node) -> _Claim | str:

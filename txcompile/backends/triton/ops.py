@@ -12,6 +12,7 @@ stays portable; the backend itself never claims a node it cannot launch a kernel
     txc_triton::rms_norm / add_rms_norm                      the same for RMSNorm
     txc_triton::linear_act(x, W, b, activation)              act(x W^T + b), activation in the GEMM epilogue
     txc_triton::linear_swiglu(x, Wg, Wu, bg, bu)             silu(x Wg^T + bg) * (x Wu^T + bu), one store
+    txc_triton::linear_swiglu_fused(x, Wgu, bgu)             the same on fuse_qkv's [gate; up] weight
     txc_triton::softmax(x, bias, scale)                      softmax(scale * x + bias) over the last dim
     txc_triton::attention(q, k, v, bias, causal, scale)      SDPA forward, FlashAttention-2 tiling
     txc_triton::varlen_attention(q, k, v, cu, heads, scale)  txc::varlen_attention on packed tokens
@@ -135,6 +136,22 @@ def _(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tens
     return x.new_empty((*x.shape[:-1], w_gate.shape[0]))
 
 
+@torch.library.custom_op("txc_triton::linear_swiglu_fused", mutates_args=())
+def linear_swiglu_fused(x: Tensor, w_gate_up: Tensor, b_gate_up: Tensor | None) -> Tensor:
+    if runs_kernels(x.device):
+        return _kernel("linear_epilogue").linear_swiglu_fused(x, w_gate_up, b_gate_up)
+    from .kernels.linear_epilogue import linear_swiglu_reference
+
+    n = w_gate_up.shape[0] // 2
+    halves = (None, None) if b_gate_up is None else (b_gate_up[:n], b_gate_up[n:])
+    return linear_swiglu_reference(x, w_gate_up[:n], w_gate_up[n:], *halves)
+
+
+@linear_swiglu_fused.register_fake
+def _(x: Tensor, w_gate_up: Tensor, b_gate_up: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], w_gate_up.shape[0] // 2))
+
+
 @torch.library.custom_op("txc_triton::softmax", mutates_args=())
 def softmax(x: Tensor, bias: Tensor | None, scale: float) -> Tensor:
     if runs_kernels(x.device):
@@ -193,6 +210,7 @@ OPS = {
     "add_rms_norm": torch.ops.txc_triton.add_rms_norm.default,
     "linear_act": torch.ops.txc_triton.linear_act.default,
     "linear_swiglu": torch.ops.txc_triton.linear_swiglu.default,
+    "linear_swiglu_fused": torch.ops.txc_triton.linear_swiglu_fused.default,
     "softmax": torch.ops.txc_triton.softmax.default,
     "attention": torch.ops.txc_triton.attention.default,
     "varlen_attention": torch.ops.txc_triton.varlen_attention.default,

@@ -1,0 +1,36 @@
+"""The distributed backend, first increment: the tensor/pipeline-parallel plan and its predicted cost.
+
+`make_plan(gm, tp=..., pp=..., ...)` decides the parallel style of every linear, the per-rank shards and the
+pipeline stages, and predicts per-rank FLOPs, communication and the step time (`Plan.report()`, `Plan.to_json()`).
+Execution on torch.distributed comes later; this backend is not registered in `txcompile.backends` yet.
+"""
+
+from __future__ import annotations
+
+from .plan import (
+    NETWORKS,
+    Network,
+    Plan,
+    RankPlan,
+    Shard,
+    Stage,
+    allgather_time,
+    allreduce_time,
+    capture_shallow,
+    make_plan,
+    plan_for_hf_config,
+)
+
+__all__ = [
+    "NETWORKS",
+    "Network",
+    "Plan",
+    "RankPlan",
+    "Shard",
+    "Stage",
+    "allgather_time",
+    "allreduce_time",
+    "capture_shallow",
+    "make_plan",
+    "plan_for_hf_config",
+]
