@@ -321,21 +321,41 @@ class Plan:
             "efficiency": self.efficiency,
             "network": self.network.to_dict(),
             "model_shape": {
-                "blocks": self.n_blocks, "hidden": self.hidden, "heads": self.heads, "kv_heads": self.kv_heads,
-                "mlp_hidden": self.mlp_hidden, "vocab": self.vocab,
+                "blocks": self.n_blocks,
+                "hidden": self.hidden,
+                "heads": self.heads,
+                "kv_heads": self.kv_heads,
+                "mlp_hidden": self.mlp_hidden,
+                "vocab": self.vocab,
             },  # fmt: skip
             "rank_order": "rank = pp_rank * tp + tp_rank",
             "linears": [vars(x) for x in self.linears],
             "stages": [
-                {"stage": s.index, "blocks": list(s.blocks), "embeddings": s.embeddings, "head": s.head,
-                 "time_per_microbatch_s": s.time_per_microbatch, "compute_s": s.compute_s,
-                 "tp_comm_s": s.tp_comm_s, "pp_comm_s": s.pp_comm_s}
+                {
+                    "stage": s.index,
+                    "blocks": list(s.blocks),
+                    "embeddings": s.embeddings,
+                    "head": s.head,
+                    "time_per_microbatch_s": s.time_per_microbatch,
+                    "compute_s": s.compute_s,
+                    "tp_comm_s": s.tp_comm_s,
+                    "pp_comm_s": s.pp_comm_s,
+                }
                 for s in self.stages
             ],  # fmt: skip
             "ranks": [
-                {"rank": r.rank, "tp_rank": r.tp_rank, "pp_rank": r.pp_rank, "stage": r.stage,
-                 "blocks": list(range(*r.blocks)), "param_bytes": r.param_bytes, "flops_per_step": r.flops,
-                 "comm_bytes_per_step": r.comm_bytes, "busy_s": r.busy_s, "shards": self.rank_shards(r.rank)}
+                {
+                    "rank": r.rank,
+                    "tp_rank": r.tp_rank,
+                    "pp_rank": r.pp_rank,
+                    "stage": r.stage,
+                    "blocks": list(range(*r.blocks)),
+                    "param_bytes": r.param_bytes,
+                    "flops_per_step": r.flops,
+                    "comm_bytes_per_step": r.comm_bytes,
+                    "busy_s": r.busy_s,
+                    "shards": self.rank_shards(r.rank),
+                }
                 for r in self.ranks
             ],  # fmt: skip
             "step": {"time_s": self.step_s, "bubble": self.bubble, "tied_embedding_sync_s": self.tied_sync_s},
@@ -384,6 +404,8 @@ class Plan:
             f"predicted step time {self.step_s * 1e3:,.2f} ms; pipeline bubble {self.bubble:.1%}; "
             f"model FLOPs utilisation {useful:.1%}"
             + (f"; tied embedding/head grad sync {self.tied_sync_s * 1e3:.3f} ms" if self.tied_sync_s else "")
+            + f"\nfits: parameters{' + gradients + Adam state (16 B/param)' if self.training else ''} within "
+            f"{self.network.memory_bytes / 1e9:.0f} GB; activations are not counted"
         )
         if self.notes:
             out.append("notes:\n" + "\n".join(f"- {n}" for n in self.notes))
@@ -836,16 +858,16 @@ def make_plan(
         stages.append(Stage(s, (lo, hi), s == 0, s == pp - 1, comp + tp_time + pp_time, comp, tp_time, pp_time,
                             float(flops), tp_bytes, float(sends * act)))  # fmt: skip
     stage_of_block = {i: s for s, (lo, hi) in enumerate(ranges) for i in range(lo, hi)}
-    for name, owner in block_of.items():
+    for target, owner in block_of.items():
         if owner == "pre":
             where: tuple[int, ...] = (0,)
         elif owner == "post":
             where = (pp - 1,)
         else:
             where = (stage_of_block[int(owner)],)
-        if tied and name == m.token_table:
+        if tied and target == m.token_table:
             where = tuple(sorted({0, pp - 1}))
-        param_stages[name] = where
+        param_stages[target] = where
 
     bubble = (pp - 1) / (microbatches + pp - 1)
     t_max = max(st.time_per_microbatch for st in stages)
@@ -862,9 +884,7 @@ def make_plan(
     ranks = []
     for pr, st in enumerate(stages):
         for tr in range(tp):
-            pbytes = sum(
-                shards[name].local_numel(tp) * dtype_bytes for name, where in param_stages.items() if pr in where
-            )
+            pbytes = sum(shards[t].local_numel(tp) * dtype_bytes for t, where in param_stages.items() if pr in where)
             ranks.append(RankPlan(
                 pr * tp + tr, tr, pr, pr, st.blocks, pbytes, st.flops * microbatches,
                 (st.tp_bytes + st.pp_bytes) * microbatches + (tied_sync > 0 and pr in (0, pp - 1)) * (
@@ -874,7 +894,7 @@ def make_plan(
     if depth is not None and depth != len(m.anat.blocks):
         notes.append(f"{len(m.anat.blocks)} captured blocks scaled to {depth} identical blocks")
     return Plan(
-        model=name or type(gm).__name__, tp=tp, pp=pp, microbatches=microbatches, schedule=schedule, batch=batch,
+        model=name or "model", tp=tp, pp=pp, microbatches=microbatches, schedule=schedule, batch=batch,
         seq=seq, dtype_bytes=dtype_bytes, training=training, efficiency=efficiency, network=net, hidden=m.hidden,
         n_blocks=n, heads=hq, kv_heads=hkv, mlp_hidden=mlp_h, vocab=m.vocab, linears=tuple(linears),
         shards=shards, param_stages=param_stages, stages=tuple(stages), ranks=tuple(ranks), step_s=step,
