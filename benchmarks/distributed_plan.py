@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _common import add_out_argument, console, log, machine, out_dir, write_json  # noqa: E402
 
 from txcompile.backends.distributed import NETWORKS, make_plan  # noqa: E402
-from txcompile.backends.distributed.plan import capture_shallow  # noqa: E402
+from txcompile.backends.distributed.shallow import capture_shallow  # noqa: E402
 from txcompile.errors import SpecError  # noqa: E402
 
 

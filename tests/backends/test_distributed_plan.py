@@ -11,7 +11,8 @@ import pytest
 
 import txcompile as txc
 from txcompile.backends.distributed import NETWORKS, make_plan, plan_for_hf_config
-from txcompile.backends.distributed.plan import _partition, capture_shallow
+from txcompile.backends.distributed.shallow import capture_shallow
+from txcompile.backends.distributed.stages import partition as _partition
 from txcompile.errors import SpecError
 from txcompile.models import hf_zoo, reference
 

@@ -7,19 +7,9 @@ Execution on torch.distributed comes later; this backend is not registered in `t
 
 from __future__ import annotations
 
-from .plan import (
-    NETWORKS,
-    Network,
-    Plan,
-    RankPlan,
-    Shard,
-    Stage,
-    allgather_time,
-    allreduce_time,
-    capture_shallow,
-    make_plan,
-    plan_for_hf_config,
-)
+from .network import NETWORKS, Network, allgather_time, allreduce_time
+from .plan import Plan, RankPlan, Shard, Stage, make_plan
+from .shallow import capture_shallow, plan_for_hf_config
 
 __all__ = [
     "NETWORKS",

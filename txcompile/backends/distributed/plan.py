@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -68,100 +67,14 @@ from ...cost import MATMUL_PARTS, B, BlockCost, T, block_costs, evaluate, heads,
 from ...errors import SpecError
 from ...ir import is_op, tensor_meta
 from ...linears import Linear
+from .stages import partition as _partition
+from .network import NETWORKS, Network, _allgather_sent, _allreduce_sent, allgather_time, allreduce_time
 
 aten = torch.ops.aten
 
-__all__ = [
-    "NETWORKS",
-    "Network",
-    "Plan",
-    "RankPlan",
-    "Shard",
-    "Stage",
-    "allgather_time",
-    "allreduce_time",
-    "capture_shallow",
-    "make_plan",
-    "plan_for_hf_config",
-]
+__all__ = ["Plan", "RankPlan", "Shard", "Stage", "make_plan"]
 
 Style = Literal["column", "row", "vocab", "replicated"]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Network and device assumptions
-
-
-@dataclass(frozen=True)
-class Network:
-    """Device and link assumptions for the alpha-beta model. Model inputs, not measurements.
-
-    alpha: seconds per message (per ring step); beta: seconds per byte on one link direction (1 / bandwidth);
-    peak_flops: dense 16-bit matmul peak of one device; hbm_bytes_per_s: its memory bandwidth; memory_bytes: its
-    capacity (for the "fits" column).
-
-    Presets (datasheet numbers; the latency is an assumption in line with NCCL's small-message all-reduce times):
-    - "h100-nvlink": H100 SXM5, NVLink 4 at 900 GB/s bidirectional = 450 GB/s per direction per GPU, alpha 1 us,
-      989 TFLOP/s dense BF16, 3.35 TB/s HBM3, 80 GB.
-    - "a100-nvlink": A100 SXM4 80 GB, NVLink 3 at 600 GB/s bidirectional = 300 GB/s per direction, alpha 1 us,
-      312 TFLOP/s dense BF16, 2.04 TB/s HBM2e, 80 GB.
-    - "cpu-gloo": CPU processes over gloo (TCP/loopback), a modest guess: 5 GB/s, alpha 50 us, 200 GFLOP/s,
-      20 GB/s memory bandwidth, 16 GB.
-    Achieved NCCL bus bandwidth is usually 70-85 % of the link rate; that is not applied here.
-    """
-
-    name: str
-    alpha: float
-    beta: float
-    peak_flops: float
-    hbm_bytes_per_s: float
-    memory_bytes: float = 80e9
-    description: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "alpha_s": self.alpha,
-            "bandwidth_bytes_per_s": 1.0 / self.beta,
-            "peak_flops": self.peak_flops,
-            "hbm_bytes_per_s": self.hbm_bytes_per_s,
-            "memory_bytes": self.memory_bytes,
-            "description": self.description,
-        }
-
-
-NETWORKS: dict[str, Network] = {
-    "h100-nvlink": Network(
-        "h100-nvlink", 1e-6, 1 / 450e9, 989e12, 3.35e12, 80e9,
-        "H100 SXM5: NVLink4 450 GB/s/direction, 1 us/step, 989 TFLOP/s BF16 dense, 3.35 TB/s HBM3, 80 GB",
-    ),
-    "a100-nvlink": Network(
-        "a100-nvlink", 1e-6, 1 / 300e9, 312e12, 2.039e12, 80e9,
-        "A100 SXM4: NVLink3 300 GB/s/direction, 1 us/step, 312 TFLOP/s BF16 dense, 2.04 TB/s HBM2e, 80 GB",
-    ),
-    "cpu-gloo": Network(
-        "cpu-gloo", 50e-6, 1 / 5e9, 200e9, 20e9, 16e9,
-        "CPU ranks over gloo: 5 GB/s, 50 us/message, 200 GFLOP/s, 20 GB/s memory (a guess)",
-    ),
-}  # fmt: skip
-
-
-def allreduce_time(nbytes: float, n: int, net: Network) -> float:
-    """Ring all-reduce of `nbytes` over `n` ranks: 2(n-1)/n * bytes * beta + 2(n-1) * alpha."""
-    return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes * net.beta + 2 * (n - 1) * net.alpha
-
-
-def allgather_time(nbytes: float, n: int, net: Network) -> float:
-    """Ring all-gather of a result of `nbytes` in all over `n` ranks: (n-1)/n * bytes * beta + (n-1) * alpha."""
-    return 0.0 if n <= 1 else (n - 1) / n * nbytes * net.beta + (n - 1) * net.alpha
-
-
-def _allreduce_sent(nbytes: float, n: int) -> float:
-    return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes
-
-
-def _allgather_sent(nbytes: float, n: int) -> float:
-    return 0.0 if n <= 1 else (n - 1) / n * nbytes
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -642,39 +555,6 @@ class _Model:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Stage partition
-
-
-def _partition(block_cost: Sequence[float], first: float, last: float, pp: int) -> list[tuple[int, int]]:
-    """Contiguous [start, stop) ranges for `pp` stages minimising the largest stage cost, `first` added to stage 0
-    and `last` to the last stage (dynamic programme, O(pp * n^2))."""
-    n = len(block_cost)
-    prefix = [0.0]
-    for c in block_cost:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[k][j]: the smallest possible max stage cost putting blocks [0, j) into k stages.
-    best = [[inf] * (n + 1) for _ in range(pp + 1)]
-    cut = [[0] * (n + 1) for _ in range(pp + 1)]
-    best[0][0] = 0.0
-    for k in range(1, pp + 1):
-        for j in range(k, n - (pp - k) + 1):
-            for i in range(k - 1, j):
-                if best[k - 1][i] == inf:
-                    continue
-                cost = prefix[j] - prefix[i] + (first if i == 0 else 0.0) + (last if j == n else 0.0)
-                value = max(best[k - 1][i], cost)
-                if value < best[k][j] - 1e-18:
-                    best[k][j], cut[k][j] = value, i
-    ranges, j = [], n
-    for k in range(pp, 0, -1):
-        i = cut[k][j]
-        ranges.append((i, j))
-        j = i
-    return ranges[::-1]
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # The plan
 
 
@@ -900,57 +780,3 @@ def make_plan(
         shards=shards, param_stages=param_stages, stages=tuple(stages), ranks=tuple(ranks), step_s=step,
         bubble=bubble, tied_sync_s=tied_sync, notes=tuple(notes),
     )  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Models too big for this machine
-
-
-_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-
-
-def capture_shallow(
-    config: Any, model_cls: Callable[[Any], torch.nn.Module] | str = "AutoModelForCausalLM", *, layers: int = 2
-) -> tuple[fx.GraphModule, int]:
-    """Capture a `layers`-block copy of a Hugging Face architecture at full width on the meta device (no weights are
-    allocated) and return (graph, the config's real depth)."""
-    import copy
-
-    import transformers
-
-    cfg = copy.deepcopy(config)
-    key = next((k for k in _DEPTH_KEYS if hasattr(cfg, k)), None)
-    if key is None:
-        raise SpecError(f"cannot find the number of layers in {type(config).__name__} (looked for {_DEPTH_KEYS})")
-    depth = int(getattr(cfg, key))
-    setattr(cfg, key, min(layers, depth))
-    cfg.use_cache = False
-    if hasattr(cfg, "_attn_implementation"):
-        cfg._attn_implementation = "sdpa"
-    if isinstance(model_cls, str):
-        cls = getattr(transformers, model_cls)
-        build = cls.from_config if hasattr(cls, "from_config") else cls
-    else:
-        build = model_cls
-    with torch.device("meta"):
-        model = build(cfg)
-    model.eval()
-    from ...capture import capture
-
-    ids = torch.zeros(2, 16, dtype=torch.long, device="meta")
-    return capture(model, {"input_ids": ids}), depth
-
-
-def plan_for_hf_config(
-    config: Any,
-    model_cls: Callable[[Any], torch.nn.Module] | str = "AutoModelForCausalLM",
-    *,
-    name: str | None = None,
-    layers: int = 2,
-    **plan_options: Any,
-) -> Plan:
-    """`make_plan` for a Hugging Face config of any size: a `layers`-block copy is captured on the meta device and
-    its blocks are scaled to the config's depth (the blocks of these models are identical)."""
-    gm, depth = capture_shallow(config, model_cls, layers=layers)
-    label = name or getattr(config, "model_type", type(config).__name__)
-    return make_plan(gm, depth=depth, name=label, **plan_options)
