@@ -168,6 +168,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         keys = list(source.example_inputs) if isinstance(source.example_inputs, dict) else ()
         calib = read_inputs(args.calib, tokenizer=source.tokenizer, keys=keys, what="--calib")
     opt = _optimize(source, args.passes, backend=args.backend, verify=args.verify, calib=calib, console=console)
+    if args.backend.strip().startswith("distributed"):
+        return _convert_distributed(args, source, opt, out, console)
     with console.status("measuring speed against the original"):
         speed_text, speed = _speed_table(source, opt)
     report_text = f"{opt.report}\n\n{speed_text}"
@@ -188,6 +190,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_distributed(args: argparse.Namespace, source: Any, opt: Any, out: Path, console: Any) -> int:
+    from .backends.distributed import package
+    from .report import render_table
+
+    if args.format == "onnx":
+        raise InputError("--format onnx cannot hold a tensor/pipeline-parallel program; use --backend eager for ONNX")
+    with console.status(f"writing {out} (plan, per-rank shards)"):
+        path = package.save(opt, out, label=source.label, example_inputs=source.example_inputs,
+                            tokenizer=source.tokenizer, force=args.force)  # fmt: skip
+    print((path / "report.txt").read_text())
+    manifest = json.loads((path / "manifest.json").read_text())
+    rows = [[name, f"{info['bytes'] / 1e6:.2f} MB"] for name, info in sorted(manifest["files"].items())]
+    print(render_table(f"wrote {path}", ["file", "size"], rows))
+    print(f"run it with: {manifest['launch']}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
@@ -196,7 +215,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .report import render_table
     from .sources import read_inputs
 
-    program = load(args.artifact)
+    from .backends.distributed import package
+
+    distributed = package.is_distributed(args.artifact)
+    program = package.load(args.artifact) if distributed else load(args.artifact)
+    lead = not distributed or torch.distributed.get_rank() == 0  # one rank prints and writes
     keys = [s["name"] for s in program.manifest.get("inputs", [])]
     batches = read_inputs(args.input, tokenizer=program.tokenizer, keys=keys)
     outputs, rows = [], []
@@ -213,10 +236,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             outputs.append(out)
             leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
             rows.append([str(i), ", ".join("x".join(map(str, t.shape)) for t in leaves)])
-    print(render_table(f"ran {args.artifact} on {args.input}", ["batch", "output shapes"], rows))
-    if args.output:
+    if lead:
+        print(render_table(f"ran {args.artifact} on {args.input}", ["batch", "output shapes"], rows))
+    if args.output and lead:
         _save_outputs(Path(args.output), outputs)
         print(f"wrote {args.output}")
+    if distributed:
+        torch.distributed.barrier()  # the output is complete before any rank exits
     return 0
 
 

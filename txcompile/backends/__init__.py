@@ -6,12 +6,15 @@ from typing import Any
 
 from ..errors import SpecError
 from .base import Backend, Fallback, Lowered
+from .distributed.backend import DistributedBackend
 from .eager import EagerBackend
 from .triton.lowering import TritonBackend
 
-ALL_BACKENDS: tuple[type, ...] = (EagerBackend, TritonBackend)
+ALL_BACKENDS: tuple[type, ...] = (EagerBackend, TritonBackend, DistributedBackend)
 
-__all__ = ["ALL_BACKENDS", "Backend", "Fallback", "Lowered", "EagerBackend", "TritonBackend", "get_backend"]
+__all__ = [
+    "ALL_BACKENDS", "Backend", "DistributedBackend", "EagerBackend", "Fallback", "Lowered", "TritonBackend", "get_backend"
+]
 
 
 def get_backend(backend: Any) -> Any:

@@ -107,19 +107,24 @@ def _get(module: torch.nn.Module, target: str) -> Any:
 def stage_tensors(structure: fx.GraphModule, plan: Plan, rank: int, built: _Built) -> dict[str, torch.Tensor]:
     """The tensors rank `rank` holds (its shards of the split ones, whole copies of the rest), from `structure`'s real
     weights."""
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    made: dict[tuple[int, Any], torch.Tensor] = {}  # tied weights (one tensor, several names) stay one tensor
     for t in built.targets:
         full = _get(structure, t)
         if isinstance(full, torch.Tensor):
             shard = plan.shards.get(t)
-            local = shard_tensor(full.detach(), shard, rank % plan.tp, plan.tp) if shard is not None else full.detach()
-            # A trainable copy of its own: an optimizer step on this rank must not write into the caller's model.
-            out[t] = local.clone().requires_grad_() if full.requires_grad else local
+            key = (id(full), None if shard is None else (shard.dim, shard.parts, shard.pad_to))
+            if key not in made:
+                local = shard_tensor(full.detach(), shard, rank % plan.tp, plan.tp) if shard else full.detach()
+                # A trainable copy of its own: an optimizer step on this rank must not write into the caller's model.
+                made[key] = local.clone().requires_grad_() if full.requires_grad else local
+            out[t] = made[key]
     return out
 
 
 def _root(structure: fx.GraphModule, built: _Built, tensors: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     root = torch.nn.Module()
+    params: dict[int, torch.nn.Parameter] = {}
     for t in built.targets:
         value = tensors.get(t)
         if value is None:
@@ -132,8 +137,10 @@ def _root(structure: fx.GraphModule, built: _Built, tensors: Mapping[str, torch.
             if not hasattr(owner, p):
                 owner.add_module(p, torch.nn.Module())
             owner = getattr(owner, p)
-        if isinstance(value, torch.nn.Parameter) or (isinstance(value, torch.Tensor) and value.requires_grad):
-            owner.register_parameter(leaf, torch.nn.Parameter(value.detach(), requires_grad=True))
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            if id(value) not in params:
+                params[id(value)] = torch.nn.Parameter(value.detach(), requires_grad=True)
+            owner.register_parameter(leaf, params[id(value)])
         elif isinstance(value, torch.Tensor):
             owner.register_buffer(leaf, value)
         else:
