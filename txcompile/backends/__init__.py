@@ -13,7 +13,14 @@ from .triton.lowering import TritonBackend
 ALL_BACKENDS: tuple[type, ...] = (EagerBackend, TritonBackend, DistributedBackend)
 
 __all__ = [
-    "ALL_BACKENDS", "Backend", "DistributedBackend", "EagerBackend", "Fallback", "Lowered", "TritonBackend", "get_backend"
+    "ALL_BACKENDS",
+    "Backend",
+    "DistributedBackend",
+    "EagerBackend",
+    "Fallback",
+    "Lowered",
+    "TritonBackend",
+    "get_backend",
 ]
 
 

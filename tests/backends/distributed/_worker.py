@@ -1,6 +1,6 @@
 """Run under torchrun by the tests: every rank builds the same models, runs its part and writes what it saw.
 
-    torchrun --nproc-per-node=W _worker.py OUT_DIR TP PP [--grad] [models...]
+torchrun --nproc-per-node=W _worker.py OUT_DIR TP PP [--grad] [models...]
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def build(name):
 
 
 def first_float(out):
-    return next(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point())
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return next(t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
 def main() -> None:

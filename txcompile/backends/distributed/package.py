@@ -25,7 +25,6 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from torch import fx
 
 from ... import artifact as _art
 from ...errors import ArtifactError
@@ -51,26 +50,16 @@ def _plan_options(plan: Plan) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _meta_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """The same program with every tensor on the meta device (nothing of the weights is copied)."""
-    from ...ir import copy_graph_module
-
-    new = copy_graph_module(gm)
-    for name, t in list(new.named_parameters(remove_duplicate=False)) + list(new.named_buffers(remove_duplicate=False)):
-        *path, leaf = name.split(".")
-        owner = new.get_submodule(".".join(path))
+def _strip_weights(ep: Any) -> None:
+    """Put the exported program's parameters and buffers on the meta device (the archive then holds no weight data);
+    lifted constants (small tensors built inside forward) keep their values: the graph needs them on every rank."""
+    for name, t in list(ep.state_dict.items()):
         meta = torch.empty_like(t, device="meta")
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = torch.nn.Parameter(meta, requires_grad=t.requires_grad)
-        else:
-            owner._buffers[leaf] = meta
-    for n in new.graph.nodes:
-        if n.op == "get_attr":
-            obj = _art_get(new, str(n.target))
-            if isinstance(obj, torch.Tensor) and obj.device.type != "meta":  # plain tensor attributes (constants)
-                *path, leaf = str(n.target).split(".")
-                setattr(new.get_submodule(".".join(path)), leaf, torch.empty_like(obj, device="meta"))
-    return new
+        ep.state_dict[name] = torch.nn.Parameter(meta, t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+
+
+def _is_meta(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_meta
 
 
 def _art_get(module: Any, target: str) -> Any:
@@ -87,22 +76,22 @@ def save(opt: Any, out: str | os.PathLike[str], *, label: str, example_inputs: A
         raise ArtifactError("save a program optimized with backend='distributed:tp=N,pp=M' here")
     gm, info = _art._program_of(getattr(opt, "graph_module", opt))
     trace_inputs = _art._program_inputs(info, example_inputs)
-    meta_inputs = torch.utils._pytree.tree_map(
-        lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, trace_inputs
-    )
     target = Path(out)
     with _art._atomic_directory(target, force=force) as tmp:
-        ep = _art._reexport(_meta_copy(gm), info, meta_inputs)
+        ep = _art._reexport(gm, info, trace_inputs)
+        _strip_weights(ep)  # replaces entries of the program's own dict; the model's tensors are untouched
         torch.export.save(ep, tmp / _art.PROGRAM)
         structure = torch.export.load(tmp / _art.PROGRAM).module()
         plan = backend.plan(structure, trace_inputs, name=label)
         ranks = []
         for rank in range(plan.world_size):
             built = build_stage(structure, plan, rank)
-            missing = [t for t in built.targets if _art_get(gm, t) is None]
+            weights = [t for t in built.targets if _is_meta(_art_get(structure, t))]
+            local = stage_tensors(gm, plan, rank, built)
+            missing = [t for t in weights if t not in local]
             if missing:
                 raise ArtifactError(f"the re-exported program reads {missing[:3]} which the optimized one lacks")
-            tensors, aliases = _art._unique_tensors(stage_tensors(gm, plan, rank, built))
+            tensors, aliases = _art._unique_tensors({t: local[t] for t in weights})
             meta = {"format": "pt", "txcompile.aliases": json.dumps(aliases, sort_keys=True), "rank": str(rank)}
             safetensors.torch.save_file(tensors, str(tmp / _rank_file(rank)), metadata=meta)
             ranks.append({"rank": rank, "file": _rank_file(rank), "tensors": built.targets,
@@ -175,7 +164,7 @@ def load(path: str | os.PathLike[str], *, outputs: str = "all", timeout_s: float
         with safetensors.safe_open(str(root / _rank_file(rank)), "pt") as f:
             aliases = json.loads((f.metadata() or {}).get("txcompile.aliases", "{}"))
         tensors.update({name: tensors[src] for name, src in aliases.items()})
-        absent = [t for t in built.targets if t not in tensors and isinstance(_art_get(structure, t), torch.Tensor)]
+        absent = [t for t in built.targets if t not in tensors and _is_meta(_art_get(structure, t))]
         if absent:
             raise DistributedError(f"{_rank_file(rank)} lacks {absent[:3]}; convert the model again")
         program = RankProgram(structure, plan, rank, built, tensors, outputs)

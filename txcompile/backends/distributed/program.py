@@ -128,9 +128,9 @@ def _root(structure: fx.GraphModule, built: _Built, tensors: Mapping[str, torch.
     for t in built.targets:
         value = tensors.get(t)
         if value is None:
-            value = _get(structure, t)
-            if value is None or isinstance(value, torch.Tensor):
-                raise DistributedError(f"rank's shard has no tensor {t!r}; convert the model again")
+            value = _get(structure, t)  # constants of the graph, and the subgraphs of higher-order ops
+            if value is None or (isinstance(value, torch.Tensor) and value.is_meta):
+                raise DistributedError(f"this rank's shard has no tensor {t!r}; convert the model again")
         *path, leaf = t.split(".")
         owner = root
         for p in path:

@@ -126,7 +126,7 @@ class _Rewrite:
         return self.call(n.target, *args, like=n, **kwargs)
 
     def enter(self, old: fx.Node) -> fx.Node:
-        """A replicated value as input of split work: through copy_to when it is a float tensor (backward all-reduce)."""
+        """A replicated value entering split work: through copy_to if it is a float tensor (backward all-reduce)."""
         val = tensor_meta(old)
         if val is None or not val.dtype.is_floating_point:
             return self.env[old]
