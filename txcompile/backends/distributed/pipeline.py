@@ -17,7 +17,6 @@ forward-only schedule does not do). Values travel with a small header (shapes, d
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,6 +187,3 @@ def cat_microbatches(results: list[Any]) -> Any:
         else:
             joined.append(leaf)
     return torch.utils._pytree.tree_unflatten(joined, spec)
-
-
-_ = operator  # getitem nodes are copied like any other

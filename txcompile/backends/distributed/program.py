@@ -26,7 +26,6 @@ from torch import fx
 
 from ...anatomy import anatomy
 from ...errors import SpecError
-from ...ir import tensor_meta
 from .pipeline import Stage, cat_microbatches, run_pipeline, split_stages
 from .plan import Plan
 from .tensor_parallel import shard_graph, shard_tensor
@@ -238,6 +237,3 @@ def parallelize(gm: fx.GraphModule, plan: Plan, *, outputs: str = "all", timeout
     agree(error, "building the rank programs")
     assert program is not None
     return program
-
-
-_ = tensor_meta
