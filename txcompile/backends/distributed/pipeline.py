@@ -73,10 +73,9 @@ def _stage_graph(
     graph: fx.Graph, s: int, level: dict[fx.Node, int], receives: list[fx.Node], sends: list[fx.Node], out: fx.Node
 ) -> Stage:
     mine = [n for n in graph.nodes if level.get(n) == s and n.op != "output"]
-    roots = mine + (sends if s < len(set(level.values())) else [])
     # The non-stream nodes this stage needs: ancestors of its own nodes, not through received values.
     need: set[fx.Node] = set()
-    frontier = [x for n in roots + ([out] if level[out] == s else []) for x in n.all_input_nodes]
+    frontier = [x for n in mine + ([out] if level[out] == s else []) for x in n.all_input_nodes]
     got = set(receives)
     while frontier:
         n = frontier.pop()

@@ -1,9 +1,9 @@
-"""A tensor- and pipeline-parallel plan for a captured Transformer, with a predicted step time (no execution yet).
+"""A tensor- and pipeline-parallel plan for a captured Transformer, with a predicted step time (run by program.py).
 
     gm = txc.capture(model, inputs)
     plan = make_plan(gm, tp=4, pp=2, microbatches=8, batch=32, seq=1024)
     print(plan.report())                  # per rank: params, FLOPs, communication, predicted busy time; step time
-    plan.to_json()                        # what a torch.distributed executor will consume (plan.json)
+    plan.to_json()                        # plan.json of a converted distributed artifact
     plan_for_hf_config(transformers.LlamaConfig(...), tp=8, batch=8, seq=4096)   # models too big for this machine
 
 What is decided, from `txc.anatomy` (by what the graph computes, never by names):
