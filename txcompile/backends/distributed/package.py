@@ -32,6 +32,7 @@ from .backend import DistributedBackend
 from .program import DistributedError, RankProgram, agree, build_stage, init_distributed, stage_tensors
 from .program import _groups as tp_groups
 from .plan import Plan, make_plan
+from .plan import _try_tensor as _get
 
 __all__ = ["is_distributed", "load", "save"]
 
@@ -62,12 +63,6 @@ def _is_meta(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_meta
 
 
-def _art_get(module: Any, target: str) -> Any:
-    for part in target.split("."):
-        module = getattr(module, part, None)
-    return module
-
-
 def save(opt: Any, out: str | os.PathLike[str], *, label: str, example_inputs: Any = None, tokenizer: Any = None,
          force: bool = False, report_text: str | None = None) -> Path:  # fmt: skip
     """Write `opt` (optimize(..., backend="distributed:...")) as a distributed artifact; return its path."""
@@ -86,7 +81,7 @@ def save(opt: Any, out: str | os.PathLike[str], *, label: str, example_inputs: A
         ranks = []
         for rank in range(plan.world_size):
             built = build_stage(structure, plan, rank)
-            weights = [t for t in built.targets if _is_meta(_art_get(structure, t))]
+            weights = [t for t in built.targets if _is_meta(_get(structure, t))]
             local = stage_tensors(gm, plan, rank, built)
             missing = [t for t in weights if t not in local]
             if missing:
@@ -164,7 +159,7 @@ def load(path: str | os.PathLike[str], *, outputs: str = "all", timeout_s: float
         with safetensors.safe_open(str(root / _rank_file(rank)), "pt") as f:
             aliases = json.loads((f.metadata() or {}).get("txcompile.aliases", "{}"))
         tensors.update({name: tensors[src] for name, src in aliases.items()})
-        absent = [t for t in built.targets if t not in tensors and _is_meta(_art_get(structure, t))]
+        absent = [t for t in built.targets if t not in tensors and _is_meta(_get(structure, t))]
         if absent:
             raise DistributedError(f"{_rank_file(rank)} lacks {absent[:3]}; convert the model again")
         program = RankProgram(structure, plan, rank, built, tensors, outputs)

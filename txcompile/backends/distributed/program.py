@@ -28,6 +28,7 @@ from ...anatomy import anatomy
 from ...errors import SpecError
 from .pipeline import Stage, cat_microbatches, run_pipeline, split_stages
 from .plan import Plan
+from .plan import _try_tensor as _get
 from .tensor_parallel import shard_graph, shard_tensor
 
 __all__ = ["RankProgram", "build_stage", "init_distributed", "parallelize", "stage_tensors"]
@@ -94,13 +95,6 @@ def build_stage(structure: fx.GraphModule, plan: Plan, rank: int, group: Any = N
     stage = split_stages(graph, cuts, env[blocks[0].stream_in])[pp_rank]
     targets = sorted({str(n.target) for n in stage.graph.nodes if n.op == "get_attr"})
     return _Built(stage, stage.graph, targets)
-
-
-def _get(module: torch.nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
 
 
 def stage_tensors(structure: fx.GraphModule, plan: Plan, rank: int, built: _Built) -> dict[str, torch.Tensor]:
