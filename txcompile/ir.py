@@ -192,7 +192,8 @@ def refresh_metadata(gm: fx.GraphModule, *, full: bool = False) -> None:
     everything downstream. `full=True` recomputes every node.
     Placeholders keep the FakeTensors torch.export gave them, so sizes stay symbolic in batch and sequence length.
     A node whose meta kernel cannot run on symbolic sizes (e.g. `baddbmm` with a broadcast bias) keeps the value
-    export recorded for it.
+    export recorded for it; if a node inserted downstream of it then fails, the error names it (that kept value is
+    out of date, and usually the real cause).
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     vals = [n.meta.get("val") for n in placeholders]
@@ -224,6 +225,7 @@ def _same_meta(a: Any, b: Any) -> bool:
 
 def _propagate(gm: fx.GraphModule, mode: Any, full: bool) -> None:
     changed: set[fx.Node] = set()
+    stale: dict[fx.Node, Exception] = {}  # nodes whose inputs changed but whose meta kernel failed
     with mode:
         for node in gm.graph.nodes:
             old = node.meta.get("val")
@@ -247,13 +249,30 @@ def _propagate(gm: fx.GraphModule, mode: Any, full: bool) -> None:
                     new = _fake_module_call(gm.get_submodule(str(node.target)), mode, args, kwargs)
                 else:
                     new = node.target(*args, **kwargs)
-            except Exception:  # noqa: BLE001 - keep the recorded value; see refresh_metadata
+            except Exception as e:  # noqa: BLE001 - keep the recorded value; see refresh_metadata
                 if old is None:
-                    raise
+                    raise _stale_error(node, e, stale) from e
+                if any(i in changed for i in node.all_input_nodes):
+                    stale[node] = e  # its inputs changed: the kept value may be wrong, say so if it breaks later
                 continue
             node.meta["val"] = new
             if old is None or not _same_meta(old, new):
                 changed.add(node)
+
+
+def _stale_error(node: fx.Node, error: Exception, stale: dict[fx.Node, Exception]) -> Exception:
+    """The error of a new node's meta kernel, naming the upstream nodes that kept an out-of-date value (their own
+    meta kernels failed on the new sizes), which is usually the real cause."""
+    above = ancestors(node)
+    upstream = [n for n in stale if n in above][:3]
+    if not upstream:
+        return error
+    causes = "; ".join(f"{n.name} ({n.target}): {type(stale[n]).__name__}: {str(stale[n])[:200]}" for n in upstream)
+    note = f"{error} [shape metadata could not be recomputed upstream, so these nodes kept out-of-date sizes: {causes}]"
+    try:
+        return type(error)(note)
+    except Exception:  # noqa: BLE001 - an exception type with its own constructor: keep the original
+        return error
 
 
 def _fake_module_call(mod: torch.nn.Module, mode: Any, args: Any, kwargs: Any) -> Any:
