@@ -251,7 +251,10 @@ def _propagate(gm: fx.GraphModule, mode: Any, full: bool) -> None:
                     new = node.target(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - keep the recorded value; see refresh_metadata
                 if old is None:
-                    raise _stale_error(node, e, stale) from e
+                    err = _stale_error(node, e, stale)
+                    if err is e:
+                        raise
+                    raise err from e
                 if any(i in changed for i in node.all_input_nodes):
                     stale[node] = e  # its inputs changed: the kept value may be wrong, say so if it breaks later
                 continue
