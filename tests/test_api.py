@@ -266,3 +266,36 @@ def test_captured_at_batch_1_runs_at_batch_3() -> None:
         x, mask = _inputs(batch, seq)
         with torch.no_grad():
             torch.testing.assert_close(opt(x, mask), model(x, mask))
+
+
+class Positions(nn.Module):
+    """Builds tensors on its input's device at run time, as Hugging Face models build masks and position ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1], device=x.device, dtype=x.dtype)
+        return self.proj(x + pos[:, None]) * mask.to(x.device, torch.bool)[..., None]
+
+
+def test_moving_the_result_moves_the_devices_its_graph_names() -> None:
+    model = Positions().eval()
+    opt = txc.optimize(model, ["cleanup"], example_inputs=_inputs())
+    assert _devices(opt.graph_module) == {torch.device("cpu")}  # the capture recorded where it ran
+
+    moved = opt.to("meta")  # a device every machine has; the same path serves .to("cuda") and .cuda()
+    assert moved is opt and _devices(opt.graph_module) == {torch.device("meta")}
+    x, mask = _inputs(batch=3, seq=5)
+    out = opt(x.to("meta"), mask.to("meta"))
+    assert out.device.type == "meta" and out.shape == (3, 5, 8)
+    assert next(model.parameters()).device.type == "cpu"  # the user's model stays where it was
+
+
+def _devices(gm: fx.GraphModule) -> set[torch.device]:
+    """Every torch.device the graph's calls name."""
+    found: set[torch.device] = set()
+    for node in gm.graph.nodes:
+        fx.node.map_aggregate((node.args, node.kwargs), lambda a: found.add(a) if isinstance(a, torch.device) else None)
+    return found

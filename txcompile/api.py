@@ -13,6 +13,7 @@ from .backends import get_backend
 from .capture import CallSpec, capture, capture_info, eval_mode, normalize_inputs
 from .cost import token_summary
 from .errors import InputError, VerificationError
+from .ir import retarget_device
 from .pipeline import Pass, PassContext, Pipeline, effective_contract, spec_of
 from .registry import resolve_passes
 from .report import Report
@@ -37,6 +38,17 @@ class OptimizedModule(nn.Module):
         # A backend that returns the graph module itself needs no separate attribute (and no double registration).
         self._program = None if program is graph_module else program
         self.train(graph_module.training)  # captured programs come out in eval mode; keep one mode throughout
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> OptimizedModule:
+        """`.to(device)`, `.cuda()`, `.cpu()`: the tensors move, and so do the devices the captured graph names."""
+        super()._apply(fn, recurse)
+        devices = {t.device for t in (*self.parameters(), *self.buffers())}
+        if len(devices) == 1:  # a model spread over devices keeps its graph's devices as they are
+            (device,) = devices
+            for module in self.modules():
+                if isinstance(module, fx.GraphModule):
+                    retarget_device(module, device)
+        return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         info = capture_info(self.graph_module)

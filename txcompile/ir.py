@@ -35,6 +35,7 @@ __all__ = [
     "unwrap",
     "PASSTHROUGH_OPS",
     "prune_tensors",
+    "retarget_device",
 ]
 
 
@@ -305,6 +306,30 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     else:
         new.eval()  # export's unlifted modules refuse train()/eval() but were traced (and run) in eval mode
     return new
+
+
+def retarget_device(gm: fx.GraphModule, device: torch.device) -> int:
+    """Point every device constant in `gm`'s calls at `device`; return how many changed.
+
+    torch.export records the capture device in factory calls and copies (`arange(n, device=cpu)`, `mask.to(cpu)`);
+    left alone, they pin a program captured on CPU to the CPU after its tensors moved to CUDA.
+    """
+    changed = 0
+
+    def swap(arg: Any) -> Any:
+        nonlocal changed
+        if isinstance(arg, torch.device) and arg != device:
+            changed += 1
+            return device
+        return arg
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.args = fx.node.map_aggregate(node.args, swap)
+            node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
+    if changed:
+        gm.recompile()
+    return changed
 
 
 def prune_tensors(gm: fx.GraphModule) -> int:
